@@ -1,0 +1,92 @@
+"""Source paths of a card's column map: ``col``, ``col.key``, ``col[other.path]`` and ``@index``.
+
+A path is compiled once per card and then resolved against a row (a mapping of source columns,
+plus ``@index`` for exploded rows). Missing keys, out-of-range indices and nulls resolve to None.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+_SEGMENT = re.compile(r"^(?P<name>@index|[^.\[\]]+)(?:\[(?P<index>.+)\])?$")
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    index: Optional["Path"] = None
+
+
+@dataclass(frozen=True)
+class Path:
+    text: str
+    segments: tuple[Segment, ...]
+
+    @property
+    def column(self) -> str:
+        """The top-level source column the path starts from."""
+        return self.segments[0].name
+
+    @property
+    def is_column(self) -> bool:
+        return len(self.segments) == 1 and self.segments[0].index is None
+
+    def columns(self) -> set[str]:
+        """Every top-level column the path reads, including those inside index expressions."""
+        out = {self.column}
+        for seg in self.segments:
+            if seg.index is not None:
+                out |= seg.index.columns()
+        return out
+
+    def resolve(self, row: dict[str, Any]) -> Any:
+        value: Any = row
+        for i, seg in enumerate(self.segments):
+            if value is None:
+                return None
+            if isinstance(value, dict):
+                value = value.get(seg.name)
+            else:
+                return None
+            if seg.index is not None:
+                idx = seg.index.resolve(row)
+                if not isinstance(value, (list, tuple)) or isinstance(idx, bool) or not isinstance(idx, int):
+                    return None
+                value = value[idx] if -len(value) <= idx < len(value) else None
+        return value
+
+
+def compile_path(text: str) -> Path:
+    """Parse a path; raises ValueError naming the path when it is malformed."""
+    segments = []
+    for part in _split(text):
+        m = _SEGMENT.match(part)
+        if not m:
+            raise ValueError(f"not a valid column path: {text!r}")
+        index = compile_path(m.group("index")) if m.group("index") else None
+        segments.append(Segment(m.group("name"), index))
+    if not segments:
+        raise ValueError(f"empty column path: {text!r}")
+    return Path(text, tuple(segments))
+
+
+def _split(text: str) -> list[str]:
+    """Split on dots that are not inside brackets."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced brackets in column path: {text!r}")
+        if ch == "." and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        raise ValueError(f"unbalanced brackets in column path: {text!r}")
+    parts.append("".join(cur))
+    return parts

@@ -1,0 +1,85 @@
+"""Load an open_clip model, its tokenizer and its own preprocessing: the path users take.
+
+``model`` is an open_clip architecture name (``ViT-B-32``), a ``hf-hub:``/``local-dir:`` identifier,
+or the path of a model config JSON (registered with ``open_clip.add_model_config``; a relative
+``tokenizer_kwargs.bpe_path`` in it is read relative to the JSON, so a config and its vocabulary can
+live together, as in ``models/tiny-clip``). ``pretrained`` is an open_clip tag (fetched from the hub),
+a checkpoint path, or ``random`` for random weights (benchmarks only).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+RANDOM_WEIGHTS = "random"
+
+
+@dataclass
+class ClipModel:
+    model: Any                 # open_clip CLIP in eval mode, on ``device``
+    preprocess: Callable       # open_clip's inference transform: PIL image -> normalised tensor
+    tokenizer: Callable        # list[str] -> LongTensor[n, context_length]
+    device: Any                # torch.device
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str         # "bicubic" or "bilinear"
+    resize_mode: str           # "shortest", "longest" or "squash"
+
+
+def is_config_path(model: str) -> bool:
+    return model.endswith(".json") and os.path.isfile(model)
+
+
+def absolute_if_path(value: str | None) -> str | None:
+    """Make local paths absolute (workers may run in another directory); leave names and tags."""
+    if value and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
+
+
+def register_model(model: str) -> tuple[str, dict[str, Any]]:
+    """Resolve ``model`` to an open_clip model name and the tokenizer kwargs its config implies."""
+    import open_clip
+
+    if not is_config_path(model):
+        return model, {}
+    path = Path(model).resolve()
+    open_clip.add_model_config(path)
+    name = path.stem
+    cfg = open_clip.get_model_config(name) or {}
+    kwargs = dict(cfg.get("text_cfg", {}).get("tokenizer_kwargs") or {})
+    bpe = kwargs.get("bpe_path")
+    if bpe and not os.path.isabs(bpe):
+        kwargs["bpe_path"] = str(path.parent / bpe)
+    return name, kwargs
+
+
+def load_clip(model: str, pretrained: str | None, device: str = "cpu") -> ClipModel:
+    import open_clip
+    import torch
+
+    name, tokenizer_kwargs = register_model(model)
+    weights = None if pretrained in (None, RANDOM_WEIGHTS) else pretrained
+    net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
+    net.eval()
+    cfg = net.visual.preprocess_cfg
+    size = cfg["size"]
+    return ClipModel(
+        model=net, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name, **tokenizer_kwargs),
+        device=torch.device(device), image_size=size if isinstance(size, int) else size[0],
+        mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), interpolation=cfg.get("interpolation") or "bicubic",
+        resize_mode=cfg.get("resize_mode") or "shortest",
+    )
+
+
+def file_digest(path: str, chunk: int = 1 << 20) -> str:
+    """sha256 of a checkpoint file, for stage fingerprints."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,71 @@
+"""The image download stage: fetch every pending row (async, many in flight) and resize it in a
+thread pool (PIL releases the GIL), one thread per CPU the stage was given."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+from . import schema
+from .fetch import FetchConfig, Fetcher
+from .resize import ResizeConfig, encode_extension, resize_image
+from .stage import Batch, Resources, Stage
+
+
+class ImageDownloadStage(Stage):
+    name = "download"
+
+    def __init__(self, spec) -> None:
+        self.fetch_config = FetchConfig.from_spec(spec.download)
+        self.resize_config = ResizeConfig.from_spec(spec.download)
+        self.extension = encode_extension(self.resize_config)
+        self.cpus = spec.execution.cpus_per_task
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=self.cpus)
+
+    def setup(self) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.cpus, thread_name_prefix="resize")
+
+    def __getstate__(self) -> dict:  # thread pools do not travel to Ray workers
+        return {**self.__dict__, "_pool": None}
+
+    def __call__(self, batch: Batch) -> Batch:
+        self.setup()
+        rows = schema.alive(batch)
+        if rows:
+            asyncio.run(self._download(batch, rows))
+        return batch
+
+    async def _download(self, batch: Batch, rows: list[int]) -> None:
+        # One slot per sample from request to resized bytes: bounds the bodies held in memory.
+        slots = asyncio.Semaphore(self.fetch_config.concurrency)
+        loop = asyncio.get_running_loop()
+        async with Fetcher(self.fetch_config) as fetcher:
+
+            async def one(i: int) -> None:
+                async with slots:
+                    got = await fetcher.get(batch[schema.URL][i])
+                    if not got.ok:
+                        schema.mark(batch, i, got.error_kind, got.error_message or "")
+                        return
+                    out = await loop.run_in_executor(self._pool, resize_image, got.body, self.resize_config)
+                    self._record(batch, i, got.body, out)
+
+            await asyncio.gather(*(one(i) for i in rows))
+
+    def _record(self, batch: Batch, i: int, body: bytes, out) -> None:
+        batch[schema.SHA256][i] = hashlib.sha256(body).hexdigest()  # of the original bytes, as published hashes are
+        batch[schema.ORIGINAL_WIDTH][i] = out.original_width
+        batch[schema.ORIGINAL_HEIGHT][i] = out.original_height
+        if not out.ok:
+            schema.mark(batch, i, out.error_kind, out.error_message or "")
+            return
+        batch[schema.WIDTH][i] = out.width
+        batch[schema.HEIGHT][i] = out.height
+        batch[schema.STATUS][i] = schema.SUCCESS
+        batch[schema.FILES][i][self.extension] = out.data

@@ -1,0 +1,355 @@
+"""Decode, resize and re-encode one image: img2dataset's size semantics, PIL's speed levers.
+
+This is the one place for the resize semantics (DESIGN: "one place per fact"). The rules match
+img2dataset 1.47 (verified against its own ``Resizer`` by ``tests/data/make_img2dataset_sizes.py``):
+
+* Size rules on the original size, checked in this order: ``min(w, h) < min_image_size`` →
+  ``too_small``; ``w * h > max_image_area`` → ``too_large_area``;
+  ``max(w, h) / min(w, h) > max_aspect_ratio`` → ``bad_aspect_ratio``.
+* ``keep_ratio`` / ``center_crop``: the short side becomes ``image_size`` (each side
+  ``max(1, round(side * image_size / short_side))``, Python's round-half-even), then
+  ``center_crop`` cuts ``image_size`` square at ``((w - s) // 2, (h - s) // 2)``.
+  ``keep_ratio_largest`` / ``border``: the long side becomes ``image_size``; ``border`` then pads
+  to a square with white, ``floor(missing / 2)`` before and the rest after. ``no``: same size.
+* ``resize_only_if_bigger``: resize (and crop / pad) only when the short side (keep_ratio,
+  center_crop) or the long side (border, keep_ratio_largest) is strictly above ``image_size``.
+* Filters: area averaging (PIL's BOX, OpenCV's INTER_AREA) to downscale, Lanczos to upscale.
+* Alpha is composited on white; everything is re-encoded (jpg / png / webp).
+
+Where we deliberately differ from img2dataset:
+
+* EXIF orientation is applied (img2dataset's ``cv2.IMREAD_UNCHANGED`` ignores it), so sizes,
+  including ``original_width`` / ``original_height``, are those of the image as displayed.
+* Output is always 8-bit RGB: grayscale, CMYK, palette and 16-bit inputs are converted (16-bit
+  is scaled, not clipped). img2dataset keeps grayscale and fails to encode 16-bit as jpg.
+* The pixel cap and the size rules are checked on the header, before decoding; a truncated
+  image is a ``decode_error`` (OpenCV pads it with grey and accepts it).
+* png: ``encode_quality`` 0..9 is the zlib level (img2dataset's meaning); above 9, such as the
+  default 95, it means the default level 6 instead of an error.
+
+Speed: JPEGs are decoded at 1/2, 1/4 or 1/8 scale in the IDCT (``Image.draft``) when the target
+is at least that much smaller; the drafted image is always at least the target size, so the
+final area resize still decides the output. Crops are folded into the resize (only the kept
+region is resampled) and EXIF rotation is applied to the small result. All heavy work is in PIL's
+C code, which releases the GIL, so a thread pool with one thread per core scales.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image
+
+from .schema import ERROR_KINDS
+
+RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+_SHORT_SIDE_MODES = ("keep_ratio", "center_crop")
+_LONG_SIDE_MODES = ("keep_ratio_largest", "border")
+ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+PNG_DEFAULT_LEVEL = 6
+WHITE = (255, 255, 255)
+
+# Formats we decode. A whitelist, because PIL can also open formats that shell out (EPS runs
+# Ghostscript) or that nobody serves as a web image.
+_WANTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "AVIF", "BMP", "DIB", "TIFF", "PPM",
+                   "ICO", "JPEG2000")
+Image.init()  # register every plugin once, at import, not lazily inside worker threads
+INPUT_FORMATS = tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
+
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class ResizeConfig:
+    image_size: int = 256
+    resize_mode: str = "center_crop"
+    resize_only_if_bigger: bool = False
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    min_image_size: int = 0
+    max_image_area: Optional[float] = None
+    max_aspect_ratio: Optional[float] = None
+    max_pixels: int = 89_478_485
+
+    def __post_init__(self) -> None:
+        # Bad options are a programming or spec error, unlike bad image bytes: fail loudly.
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.encode_format not in ENCODE_FORMATS:
+            raise ValueError(f"encode_format must be one of {tuple(ENCODE_FORMATS)}, got {self.encode_format!r}")
+        if self.image_size <= 0 or self.max_pixels <= 0:
+            raise ValueError("image_size and max_pixels must be > 0")
+        if not 0 <= self.encode_quality <= 100:
+            raise ValueError(f"encode_quality must be in 0..100, got {self.encode_quality}")
+
+    @classmethod
+    def from_spec(cls, download_spec: Any) -> "ResizeConfig":
+        """Build from a :class:`pipeline.spec.DownloadSpec` (or anything with the same fields)."""
+        return cls(**{name: getattr(download_spec, name) for name in cls.__dataclass_fields__})
+
+
+@dataclass
+class ResizeResult:
+    ok: bool
+    data: Optional[bytes]
+    width: Optional[int]
+    height: Optional[int]
+    original_width: Optional[int]
+    original_height: Optional[int]
+    error_kind: Optional[str]
+    error_message: Optional[str]
+    # Diagnostics: the (width, height) of the pixels actually decoded, smaller than the original
+    # when JPEG draft decoding was used; None when nothing was decoded.
+    decoded_size: Optional[tuple[int, int]] = None
+
+
+def encode_extension(config: ResizeConfig) -> str:
+    """The tar member extension of the encoded image: ``jpg``, ``png`` or ``webp``."""
+    return config.encode_format
+
+
+# -- geometry (pure: sizes in, sizes out) ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Geometry:
+    """What to do to a ``width x height`` image (as displayed): resize the whole image to
+    ``resized``, keep the ``crop`` box of that, then paste it at ``offset`` on a white ``canvas``
+    (``canvas`` None: no padding). ``downscale`` picks the filter, as img2dataset does."""
+
+    resized: tuple[int, int]
+    crop: tuple[int, int, int, int]
+    canvas: Optional[tuple[int, int]]
+    offset: tuple[int, int]
+    downscale: bool
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        if self.canvas is not None:
+            return self.canvas
+        x0, y0, x1, y1 = self.crop
+        return x1 - x0, y1 - y0
+
+
+def check_size_rules(width: int, height: int, config: ResizeConfig) -> Optional[tuple[str, str]]:
+    """img2dataset's filters on the original size: ``(error_kind, message)`` or None if it passes."""
+    if min(width, height) < config.min_image_size:
+        return "too_small", f"image too small: {width}x{height}, min_image_size {config.min_image_size}"
+    if config.max_image_area is not None and width * height > config.max_image_area:
+        return "too_large_area", f"image area too large: {width}x{height}, max_image_area {config.max_image_area}"
+    if config.max_aspect_ratio is not None and max(width, height) / min(width, height) > config.max_aspect_ratio:
+        return ("bad_aspect_ratio",
+                f"aspect ratio too large: {width}x{height}, max_aspect_ratio {config.max_aspect_ratio}")
+    return None
+
+
+def _scale_to(width: int, height: int, side: int, target: int) -> tuple[int, int]:
+    # Same float expression and rounding as albumentations' Smallest/LongestMaxSize.
+    scale = target / side
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def plan_geometry(width: int, height: int, config: ResizeConfig) -> Geometry:
+    """img2dataset's output geometry for an image of ``width x height`` (as displayed)."""
+    size, mode = config.image_size, config.resize_mode
+    keep = Geometry((width, height), (0, 0, width, height), None, (0, 0), False)
+    if mode == "no":
+        return keep
+    side = min(width, height) if mode in _SHORT_SIDE_MODES else max(width, height)
+    downscale = side > size
+    if config.resize_only_if_bigger and not downscale:
+        return keep
+    rw, rh = _scale_to(width, height, side, size)
+    crop, canvas, offset = (0, 0, rw, rh), None, (0, 0)
+    if mode == "center_crop":
+        x0, y0 = (rw - size) // 2, (rh - size) // 2
+        crop = (x0, y0, x0 + size, y0 + size)
+    elif mode == "border":
+        canvas = (max(rw, size), max(rh, size))
+        offset = (int((canvas[0] - rw) / 2.0), int((canvas[1] - rh) / 2.0))
+    return Geometry((rw, rh), crop, canvas, offset, downscale)
+
+
+def _to_stored_box(box: tuple[float, float, float, float], orientation: int,
+                   size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """Map a box in displayed coordinates (image ``size`` as displayed) to the stored pixel grid,
+    i.e. undo the EXIF transpose, so the crop can be resampled before rotating."""
+    w, h = size
+    x0, y0, x1, y1 = box
+    inverse = {
+        1: lambda x, y: (x, y),
+        2: lambda x, y: (w - x, y),
+        3: lambda x, y: (w - x, h - y),
+        4: lambda x, y: (x, h - y),
+        5: lambda x, y: (y, x),
+        6: lambda x, y: (y, w - x),
+        7: lambda x, y: (h - y, w - x),
+        8: lambda x, y: (h - y, x),
+    }[orientation]
+    (u0, v0), (u1, v1) = inverse(x0, y0), inverse(x1, y1)
+    return min(u0, u1), min(v0, v1), max(u0, u1), max(v0, v1)
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+class _Reject(Exception):
+    """A per-image failure with its error kind (internal control flow)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1..8); 1 when absent or unreadable (broken EXIF is common)."""
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - malformed EXIF must not fail an otherwise good image
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _to_rgb_or_l(img: Image.Image) -> Image.Image:
+    """Bring any decoded mode to 8-bit ``RGB`` or ``L``; alpha is composited on white here,
+    before resizing, as img2dataset does (and resizing 3 bands is cheaper than 4)."""
+    mode = img.mode
+    if mode in ("RGB", "L"):
+        return img
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode in ("PA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        img = img.convert("RGBA" if mode in ("PA", "RGBa") else "RGB")
+    elif mode == "La":
+        img = img.convert("LA")
+    elif mode == "1":
+        img = img.convert("L")
+    elif mode.startswith("I;16") or mode == "I":
+        # 16-bit samples: keep the high byte (PIL's own convert would clip at 255).
+        img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        img = Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA"):
+        return _on_white(img)
+    return img if img.mode in ("RGB", "L") else img.convert("RGB")
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    base = "RGB" if img.mode == "RGBA" else "L"
+    canvas = Image.new(base, img.size, WHITE if base == "RGB" else 255)
+    canvas.paste(img.convert(base), mask=img.getchannel("A"))
+    return canvas
+
+
+def _draft(img: Image.Image, target: tuple[int, int]) -> float:
+    """Ask a JPEG to decode at 1/2, 1/4 or 1/8 scale in the IDCT, never below ``target`` (stored
+    orientation). Returns the scale divisor applied (1.0 when not a JPEG or not worth it)."""
+    if img.format not in ("JPEG", "MPO"):
+        return 1.0
+    full_width = img.size[0]
+    drafted = img.draft("RGB", target)  # PIL picks the largest s in 8, 4, 2, 1 with size // s >= target
+    if drafted is None:
+        return 1.0
+    return full_width / drafted[1][2]  # the returned box spans the full image in drafted pixels
+
+
+def _render(img: Image.Image, geometry: Geometry, orientation: int, result: ResizeResult) -> Image.Image:
+    """Decode ``img`` (header already read) and produce the displayed, resized, cropped image
+    (mode RGB or L); records the decoded size in ``result``."""
+    width, height = geometry.resized
+    display = (img.size[1], img.size[0]) if orientation in _SWAPS_AXES else img.size
+    fx, fy = display[0] / width, display[1] / height
+    x0, y0, x1, y1 = geometry.crop
+    box = _to_stored_box((x0 * fx, y0 * fy, x1 * fx, y1 * fy), orientation, display)
+    out = (x1 - x0, y1 - y0)
+    if orientation in _SWAPS_AXES:
+        out = (out[1], out[0])
+    scale = 1.0
+    if geometry.downscale:
+        stored_target = (height, width) if orientation in _SWAPS_AXES else (width, height)
+        scale = _draft(img, stored_target)
+    img.load()  # decode now (at the drafted scale): the file closes when the caller returns
+    result.decoded_size = img.size
+    img = _to_rgb_or_l(img)
+    if scale != 1.0:
+        box = tuple(v / scale for v in box)
+    if (width, height) == display and scale == 1.0:
+        # img2dataset's resize is a no-op at the same size; only crop (integer box).
+        if box != (0, 0, *img.size):
+            img = img.crop(tuple(int(v) for v in box))
+    else:
+        resample = Image.Resampling.BOX if geometry.downscale else Image.Resampling.LANCZOS
+        img = img.resize(out, resample, box=box)
+    if orientation in _TRANSPOSE:
+        img = img.transpose(_TRANSPOSE[orientation])
+    return img
+
+
+def _encode(img: Image.Image, config: ResizeConfig) -> bytes:
+    buf = io.BytesIO()
+    fmt = ENCODE_FORMATS[config.encode_format]
+    if fmt == "PNG":
+        level = config.encode_quality if config.encode_quality <= 9 else PNG_DEFAULT_LEVEL
+        img.save(buf, fmt, compress_level=level)
+    else:  # JPEG (4:2:0, as OpenCV) and lossy WebP take a 0..100 quality
+        img.save(buf, fmt, quality=config.encode_quality)
+    return buf.getvalue()
+
+
+def _process(data: bytes, config: ResizeConfig, result: ResizeResult) -> None:
+    with Image.open(io.BytesIO(data), formats=INPUT_FORMATS) as img:
+        stored_w, stored_h = img.size
+        if stored_w * stored_h > config.max_pixels:
+            raise _Reject("decompression_bomb",
+                          f"{stored_w}x{stored_h} = {stored_w * stored_h} pixels > max_pixels {config.max_pixels}")
+        orientation = _orientation(img)
+        w, h = (stored_h, stored_w) if orientation in _SWAPS_AXES else (stored_w, stored_h)
+        result.original_width, result.original_height = w, h
+        rule = check_size_rules(w, h, config)
+        if rule is not None:
+            raise _Reject(*rule)
+        geometry = plan_geometry(w, h, config)
+        rendered = _render(img, geometry, orientation, result)
+    if rendered.mode != "RGB":
+        rendered = rendered.convert("RGB")
+    if geometry.canvas is not None:
+        canvas = Image.new("RGB", geometry.canvas, WHITE)
+        canvas.paste(rendered, geometry.offset)
+        rendered = canvas
+    result.data = _encode(rendered, config)
+    result.width, result.height = rendered.size
+    result.ok = True
+
+
+def resize_image(data: bytes, config: ResizeConfig) -> ResizeResult:
+    """Decode ``data``, apply the size rules and resize mode, re-encode. Never raises for bad
+    input: failures come back as ``ok=False`` with an ``error_kind`` from :data:`ERROR_KINDS`."""
+    result = ResizeResult(False, None, None, None, None, None, None, None)
+    try:
+        _process(data, config, result)
+    except _Reject as e:
+        _fail(result, e.kind, str(e))
+    except Image.DecompressionBombError as e:  # PIL's own backstop (2x MAX_IMAGE_PIXELS)
+        _fail(result, "decompression_bomb", str(e))
+    except Image.UnidentifiedImageError:
+        _fail(result, "decode_error", f"not an image in a supported format ({', '.join(INPUT_FORMATS)})")
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a per-sample status
+        _fail(result, "decode_error", f"{type(e).__name__}: {e}")
+    return result
+
+
+def _fail(result: ResizeResult, kind: str, message: str) -> None:
+    assert kind in ERROR_KINDS, kind
+    result.ok, result.data, result.width, result.height = False, None, None, None
+    result.error_kind, result.error_message = kind, message[:500]

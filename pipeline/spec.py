@@ -1,0 +1,145 @@
+"""The job spec (YAML): one dataclass per section, validated by :mod:`pipeline.config`.
+
+``filters`` and ``tokenize`` hold per-stage option mappings; their own modules validate them
+(see ``filters.build_filters`` and ``pipeline.tokenize.build_tokenizers``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .config import ConfigError, apply_override, from_dict, parse_override, to_dict
+
+ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]
+
+
+@dataclass
+class InputSpec:
+    files: list[str] = field(default_factory=list)  # local paths, globs or fsspec URLs
+    catalog: Optional[str] = None                    # a card name: its reader and column map apply
+    format: Optional[Literal["parquet", "csv", "tsv", "jsonl", "txt"]] = None  # default: from the suffix
+    url_col: str = "url"
+    caption_col: Optional[str] = "caption"
+    save_additional_columns: list[str] = field(default_factory=list)
+    limit: Optional[int] = None
+
+    def validate(self) -> None:
+        if not self.files:
+            raise ConfigError("files: at least one input file is required")
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"limit: must be >= 0, got {self.limit}")
+
+
+@dataclass
+class DownloadSpec:
+    media: Literal["image", "video"] = "image"
+    image_size: int = 256
+    resize_mode: ResizeMode = "center_crop"
+    resize_only_if_bigger: bool = False
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = 95
+    timeout: float = 10.0              # seconds per request (connect + headers + body)
+    retries: int = 0
+    min_image_size: int = 0
+    max_image_area: Optional[float] = None
+    max_aspect_ratio: Optional[float] = None
+    max_pixels: int = 89_478_485       # pixel cap read from the header (PIL's bomb limit)
+    max_bytes: int = 50_000_000        # body cap, streamed
+    concurrency: int = 256             # requests in flight per download task
+    per_host_limit: int = 16           # concurrent requests to one host
+    user_agent: str = "mmcurate/0.1 (+https://github.com/mmcurate/mmcurate)"
+    respect_optouts: bool = True       # X-Robots-Tag noai / noimageai / noindex / noimageindex
+    allow_private_addresses: bool = False
+
+    def validate(self) -> None:
+        for name in ("image_size", "concurrency", "per_host_limit", "max_pixels", "max_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.encode_quality <= 100:
+            raise ConfigError(f"encode_quality: must be in 0..100, got {self.encode_quality}")
+        if self.timeout <= 0:
+            raise ConfigError(f"timeout: must be > 0, got {self.timeout}")
+        if self.retries < 0:
+            raise ConfigError(f"retries: must be >= 0, got {self.retries}")
+
+
+@dataclass
+class OutputSpec:
+    dir: str = "out/job"
+    samples_per_shard: int = 10_000
+
+    def validate(self) -> None:
+        if self.samples_per_shard <= 0:
+            raise ConfigError(f"samples_per_shard: must be > 0, got {self.samples_per_shard}")
+
+
+@dataclass
+class ExecutionSpec:
+    engine: Literal["ray", "local"] = "ray"
+    address: Optional[str] = None      # null: start a local Ray on 127.0.0.1; "auto" or ray://... joins
+    cpus_per_task: int = 1             # CPUs each download task uses for decode/resize
+    max_shards_in_flight: Optional[int] = None  # backpressure window; default 2x the CPU task slots
+    shard_retries: int = 1             # times a shard whose task crashed is tried again in this run
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.cpus_per_task <= 0:
+            raise ConfigError(f"cpus_per_task: must be > 0, got {self.cpus_per_task}")
+
+
+@dataclass
+class JobSpec:
+    input: InputSpec
+    name: str = "job"
+    download: DownloadSpec = field(default_factory=DownloadSpec)
+    filters: list[dict[str, Any]] = field(default_factory=list)   # [{name: {options}}], in order
+    tokenize: dict[str, Any] = field(default_factory=dict)        # {text: {...}, image: {...}}
+    output: OutputSpec = field(default_factory=OutputSpec)
+    execution: ExecutionSpec = field(default_factory=ExecutionSpec)
+
+    def validate(self) -> None:
+        for i, entry in enumerate(self.filters):
+            if not isinstance(entry, dict) or len(entry) != 1:
+                raise ConfigError(f"filters[{i}]: expected a mapping with one filter name, got {entry!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def load_job(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> JobSpec:
+    """Read a job spec from YAML (or ``data``), apply ``--set`` overrides and validate everything.
+
+    Relative paths (input files, output dir) are relative to the current directory, as in any CLI.
+    """
+    if data is None:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = dict(data)
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    spec = from_dict(JobSpec, data)
+    _validate_stages(spec)
+    return spec
+
+
+def _validate_stages(spec: JobSpec) -> None:
+    """Filters and tokenizers validate their own options; import lazily to keep the spec light."""
+    if spec.filters:
+        from filters import build_filters
+
+        build_filters(spec.filters, spec, load=False)
+    if spec.tokenize:
+        from .tokenize import build_tokenizers
+
+        build_tokenizers(spec.tokenize, spec, load=False)
+
+
+def replace(spec: JobSpec, **changes: Any) -> JobSpec:
+    return dataclasses.replace(spec, **changes)

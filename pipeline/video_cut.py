@@ -1,0 +1,428 @@
+"""Cut clips out of a local video file (PyAV), encode them as H.264 MP4 and sample frames (decord).
+
+Pure functions over files on disk, so the download stage can run them in a thread pool (PyAV and
+decord release the GIL while they decode and encode) and tests can run them without a server.
+
+* A clip is a span ``[start, end)`` in seconds from the first frame of the source (``None`` for
+  the whole video). A frame belongs to the clip when its midpoint lies inside the span, so a clip
+  starts and ends within half a frame of the span.
+* **Remux** (stream copy, no quality loss, no decode) when the source is H.264, no resize or fps
+  change is asked for, and the span starts on a keyframe (``exact``) or may be moved back to one
+  (``keyframe``). Otherwise **re-encode**: seek to the keyframe before the span, decode, pick the
+  frames, resize, encode with libx264 in one thread with fixed options, so the same input always
+  gives the same bytes (resume compares shards byte for byte).
+* Failures raise :class:`MediaError` with an error kind from :mod:`pipeline.schema`.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+Span = Optional[tuple[Optional[float], Optional[float]]]
+
+# x264 options that keep encodes repeatable: one thread (no frame-thread nondeterminism in rate
+# control), no scene-cut dependency on lookahead threads, fixed GOP.
+_X264_PARAMS = "keyint=250:min-keyint=25:scenecut=40:rc-lookahead=20"
+_MUX_OPTIONS = {"movflags": "+faststart", "fflags": "+bitexact"}
+
+
+class MediaError(Exception):
+    """A clip could not be produced; ``kind`` is an error kind from :data:`pipeline.schema.ERROR_KINDS`."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True)
+class CutConfig:
+    resolution: Optional[int] = None      # short side of the output, even; None keeps the source size
+    fps: Optional[float] = None           # output frame rate; None keeps the source's (average) rate
+    precision: str = "exact"              # exact | keyframe
+    crf: int = 23
+    preset: str = "veryfast"
+    max_duration: Optional[float] = None  # longest clip in seconds
+    max_pixels: int = 89_478_485          # width * height cap of the source
+    store_frames: bool = False
+    num_frames: Optional[int] = 8
+    frames_fps: Optional[float] = None
+    frames_size: Optional[int] = None     # short side of sampled frames; None: the clip's size
+    decode_threads: int = 1
+
+    @classmethod
+    def from_spec(cls, spec) -> "CutConfig":
+        """From a JobSpec: its ``video`` section plus the download section's pixel cap."""
+        v = spec.video
+        return cls(resolution=v.resolution, fps=v.fps, precision=v.clip_precision, crf=v.crf,
+                   preset=v.preset, max_duration=v.max_duration, max_pixels=spec.download.max_pixels,
+                   store_frames=v.store_frames, num_frames=v.num_frames, frames_fps=v.frames_fps,
+                   frames_size=v.frames_size, decode_threads=v.decode_threads)
+
+    @property
+    def transforms(self) -> bool:
+        return self.resolution is not None or self.fps is not None
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    duration: Optional[float]  # seconds; None when the container does not say
+    fps: Fraction
+    width: int
+    height: int
+    codec: str
+
+
+@dataclass
+class Clip:
+    data: bytes                # the MP4
+    start: float               # where the clip really starts and ends in the source (seconds)
+    end: float
+    frame_count: int
+    fps: float
+    width: int
+    height: int
+    method: str                # remux | reencode
+    codec: str = "h264"
+    frames: Optional[np.ndarray] = None  # (T, H, W, 3) uint8 when frames are sampled
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+# -- probing -------------------------------------------------------------------------------------
+def _open(path: Union[str, Path]):
+    import av
+
+    try:
+        return av.open(str(path), metadata_errors="ignore")
+    except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
+        raise MediaError("decode_error", f"cannot open the video: {e}") from None
+
+
+def _video_stream(container):
+    if not container.streams.video:
+        raise MediaError("decode_error", "the file has no video stream")
+    return container.streams.video[0]
+
+
+def probe(container, max_pixels: int) -> SourceInfo:
+    """Size, rate, duration and codec of the first video stream; enforces the pixel cap."""
+    vs = _video_stream(container)
+    ctx = vs.codec_context
+    width, height = ctx.width or 0, ctx.height or 0
+    if width <= 0 or height <= 0:
+        raise MediaError("decode_error", "the video stream has no frame size")
+    if width * height > max_pixels:
+        raise MediaError("decompression_bomb", f"{width}x{height} is more than {max_pixels} pixels")
+    rate = vs.average_rate or vs.guessed_rate or vs.base_rate
+    if not rate or rate <= 0 or rate > 1000:
+        rate = Fraction(25)
+    duration = None
+    if vs.duration is not None and vs.time_base is not None:
+        duration = float(vs.duration * vs.time_base)
+    elif container.duration is not None:
+        duration = container.duration / 1_000_000
+    return SourceInfo(duration=duration, fps=Fraction(rate), width=width, height=height, codec=ctx.name)
+
+
+def resolve_span(span: Span, info: SourceInfo, max_duration: Optional[float]) -> tuple[float, float]:
+    """``[start, end)`` in seconds; ``end`` may be ``inf`` when neither span nor container knows it."""
+    start, end = (span or (None, None))
+    start = 0.0 if start is None else float(start)
+    end = math.inf if end is None else float(end)
+    if not (start >= 0 and end > start) or math.isnan(start) or math.isnan(end):
+        raise MediaError("bad_span", f"invalid span [{start}, {end})")
+    if info.duration is not None:
+        if start >= info.duration:
+            raise MediaError("bad_span", f"the span starts at {start:.3f}s, after the video's end "
+                                         f"({info.duration:.3f}s)")
+        end = min(end, info.duration)
+    if max_duration is not None and end - start > max_duration + 1e-6:
+        raise MediaError("too_long", f"the clip lasts {end - start:.3f}s, more than max_duration "
+                                     f"{max_duration}s")
+    return start, end
+
+
+def output_size(width: int, height: int, resolution: Optional[int]) -> tuple[int, int]:
+    """Scale so the short side is ``resolution`` (aspect kept); both sides even for yuv420p."""
+    if resolution is not None:
+        scale = resolution / min(width, height)
+        width, height = width * scale, height * scale
+    return max(2, 2 * round(width / 2)), max(2, 2 * round(height / 2))
+
+
+# -- cutting -------------------------------------------------------------------------------------
+def cut_clips(path: Union[str, Path], spans: list[Span], config: CutConfig, workdir: Union[str, Path]
+              ) -> tuple[Optional[SourceInfo], list[Union[Clip, MediaError]]]:
+    """Cut every span of one source file; one result per span (a Clip or the MediaError).
+
+    A failure to open or probe the source fails every span with the same error.
+    """
+    try:
+        with _open(path) as container:
+            info = probe(container, config.max_pixels)
+    except MediaError as e:
+        return None, [e] * len(spans)
+    results: list[Union[Clip, MediaError]] = []
+    for n, span in enumerate(spans):
+        try:
+            results.append(cut_clip(path, info, span, config, Path(workdir) / f"clip{n}.mp4"))
+        except MediaError as e:
+            results.append(e)
+    return info, results
+
+
+def cut_clip(path: Union[str, Path], info: SourceInfo, span: Span, config: CutConfig,
+             out_path: Union[str, Path]) -> Clip:
+    """One clip of ``path`` as MP4 bytes (plus sampled frames when configured)."""
+    import av
+
+    start, end = resolve_span(span, info, config.max_duration)
+    out_path = Path(out_path)
+    try:
+        clip = None
+        if info.codec == "h264" and not config.transforms:
+            clip = _remux(path, info, start, end, config, out_path)
+        if clip is None:
+            clip = _reencode(path, info, start, end, config, out_path)
+        if config.store_frames:
+            clip.frames = sample_frames(out_path, config)
+        clip.data = out_path.read_bytes()
+        return clip
+    except MediaError:
+        raise
+    except av.FFmpegError as e:
+        raise MediaError("decode_error", f"{type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a sample must fail alone, never the shard
+        raise MediaError("cut_error", f"{type(e).__name__}: {e}") from None
+    finally:
+        out_path.unlink(missing_ok=True)
+
+
+def _open_output(out_path: Path):
+    import av
+
+    return av.open(str(out_path), "w", format="mp4", options=dict(_MUX_OPTIONS))
+
+
+def _remux(path, info: SourceInfo, start: float, end: float, config: CutConfig, out_path: Path) -> Optional[Clip]:
+    """Copy the packets of the span without decoding; None when the span does not allow it.
+
+    The copy must begin on a keyframe: in ``exact`` mode one within half a frame of ``start``,
+    in ``keyframe`` mode the last one at or before it. Every prefix of the decode order is
+    decodable, so the end is cut at the first packet past ``end`` when decode order equals display
+    order (no B-frames); with B-frames the end moves to the next keyframe, which ``exact`` mode
+    refuses (it then re-encodes).
+    """
+    half = 0.5 / float(info.fps)
+    with _open(path) as container:
+        vs = _video_stream(container)
+        tb = vs.time_base
+        origin = vs.start_time or 0
+        to_pts = lambda t: origin + int(round(t / tb))  # noqa: E731
+        start_pts, end_pts, tol = to_pts(start), to_pts(end) if math.isfinite(end) else None, int(half / tb)
+        container.seek(max(origin, to_pts(start - 2 * half)), stream=vs, backward=True)
+        in_order = not vs.codec_context.has_b_frames
+        packets: list = []
+        for pkt in container.demux(vs):
+            if pkt.pts is None or pkt.dts is None or not pkt.size:
+                continue
+            if not packets:
+                if pkt.pts > start_pts + tol:
+                    return None  # no keyframe at or before the start (a corrupt or odd index)
+                if pkt.is_keyframe:
+                    packets.append(pkt)
+                continue
+            if pkt.is_keyframe and pkt.pts <= start_pts + tol:
+                packets = [pkt]  # a later keyframe that is still at or before the start
+                continue
+            in_order = in_order and pkt.pts == pkt.dts
+            if pkt.pts < packets[0].pts:
+                continue  # open-GOP leading frames: they reference the previous GOP
+            if end_pts is not None and pkt.pts >= end_pts - tol:
+                if in_order or pkt.is_keyframe:
+                    break
+                if config.precision == "exact":
+                    return None
+            packets.append(pkt)
+        if not packets:
+            return None
+        first = packets[0].pts
+        if config.precision == "exact" and abs(first - start_pts) > tol:
+            return None
+        with _open_output(out_path) as out:
+            ostream = out.add_stream_from_template(vs)
+            for pkt in packets:
+                pkt.pts -= first
+                pkt.dts -= first
+                pkt.stream = ostream
+                out.mux(pkt)
+        last_end = max((p.pts + (p.duration or 0)) for p in packets)
+        width, height = info.width, info.height
+    return Clip(data=b"", start=float((first - origin) * tb), end=float((last_end + first - origin) * tb),
+                frame_count=len(packets), fps=float(info.fps), width=width, height=height, method="remux")
+
+
+def _reencode(path, info: SourceInfo, start: float, end: float, config: CutConfig, out_path: Path) -> Clip:
+    """Decode from the keyframe before ``start``, resample to the output rate, resize, encode."""
+    import av
+
+    rate = Fraction(config.fps).limit_denominator(1001) if config.fps else info.fps
+    step, src_half = 1 / float(rate), 0.5 / float(info.fps)
+    width, height = output_size(info.width, info.height, config.resolution)
+    limit = config.max_duration
+    with _open(path) as container:
+        vs = _video_stream(container)
+        vs.thread_type = "AUTO" if config.decode_threads > 1 else "SLICE"
+        vs.codec_context.thread_count = config.decode_threads
+        tb, origin = vs.time_base, vs.start_time or 0
+        container.seek(max(origin, origin + int((start - 2 * src_half) / tb)), stream=vs, backward=True)
+        with _open_output(out_path) as out:
+            ostream = _add_h264_stream(out, rate, width, height, config)
+            encoder = _Resampler(ostream, out, start, end, step, src_half, width, height)
+            for frame in container.decode(vs):
+                pts = frame.pts if frame.pts is not None else frame.dts
+                if pts is None:
+                    continue
+                encoder.push(frame, float((pts - origin) * tb))
+                if encoder.done:
+                    break
+                if limit is not None and encoder.clip_seconds > limit + 1e-6:
+                    raise MediaError("too_long", f"the video runs past max_duration {limit}s")
+            encoder.finish()
+            out.mux(ostream.encode(None))
+    if encoder.count == 0:
+        raise MediaError("decode_error", f"no frame could be decoded in [{start:.3f}, {end:.3f})")
+    return Clip(data=b"", start=encoder.first_time, end=encoder.first_time + encoder.count * step,
+                frame_count=encoder.count, fps=float(rate), width=width, height=height, method="reencode")
+
+
+def _add_h264_stream(out, rate: Fraction, width: int, height: int, config: CutConfig):
+    stream = out.add_stream("libx264", rate=rate)
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    stream.time_base = 1 / rate
+    stream.options = {"crf": str(config.crf), "preset": config.preset, "threads": "1",
+                      "x264-params": _X264_PARAMS}
+    return stream
+
+
+class _Resampler:
+    """Turns decoded source frames (in display order) into output frames at a constant rate.
+
+    Output frame ``k`` shows the source frame on screen at ``t0 + k * step`` (the last one starting
+    no later than that instant, within half a source frame), where ``t0`` is the first source
+    frame whose midpoint is inside the span; frames are emitted while their midpoint is before
+    ``end``.
+    """
+
+    def __init__(self, ostream, out, start: float, end: float, step: float, src_half: float,
+                 width: int, height: int):
+        self.ostream, self.out = ostream, out
+        self.start, self.end, self.step, self.src_half = start, end, step, src_half
+        self.width, self.height = width, height
+        self.first_time: float = start
+        self.count = 0
+        self.done = False
+        self._held = None  # the source frame currently on screen, and its time
+        self._held_time = 0.0
+
+    @property
+    def clip_seconds(self) -> float:
+        return self.count * self.step
+
+    def _next_time(self) -> float:
+        return self.first_time + self.count * self.step
+
+    def push(self, frame, t: float) -> None:
+        if self._held is None:
+            if t + self.src_half < self.start:
+                return  # before the span (decoded only to reach it)
+            self.first_time = max(t, self.start - self.src_half) if self.count == 0 else self.first_time
+            self.first_time = t if t <= self.start + self.src_half else self.start
+            self._held, self._held_time = frame, t
+            return
+        # Emit every output instant the held frame covers, up to the new frame's start.
+        while not self.done and self._next_time() + 1e-9 < t - self.src_half:
+            self._emit()
+        self._held, self._held_time = frame, t
+        if self._next_time() + self.step / 2 > self.end:
+            self.done = True
+
+    def finish(self) -> None:
+        """At the end of the source or span: the last frame stays on screen for one source frame."""
+        if self._held is None:
+            return
+        last_end = self._held_time + 2 * self.src_half
+        while not self.done and self._next_time() + self.step / 2 <= min(self.end, last_end) + 1e-9:
+            self._emit()
+
+    def _emit(self) -> None:
+        if self._next_time() + self.step / 2 > self.end:
+            self.done = True
+            return
+        frame = self._held.reformat(width=self.width, height=self.height, format="yuv420p",
+                                    interpolation="BICUBIC")
+        frame.pts = self.count
+        frame.time_base = self.ostream.time_base
+        self.out.mux(self.ostream.encode(frame))
+        self.count += 1
+
+
+# -- frame sampling ------------------------------------------------------------------------------
+def frame_indices(n_frames: int, fps: float, num_frames: Optional[int], frames_fps: Optional[float]) -> list[int]:
+    """Which frames of an ``n_frames`` clip to sample.
+
+    ``num_frames``: exactly that many, evenly spaced from the first frame to the last (repeats when
+    the clip is shorter). ``frames_fps``: one frame every ``1 / frames_fps`` seconds from the start.
+    """
+    if n_frames <= 0:
+        return []
+    if frames_fps is not None:
+        every = fps / frames_fps
+        count = max(1, math.ceil(n_frames / every - 1e-9))
+        return [min(n_frames - 1, int(math.floor(k * every + 1e-9))) for k in range(count)]
+    count = num_frames or 1
+    if count == 1:
+        return [0]
+    return [int(round(k * (n_frames - 1) / (count - 1))) for k in range(count)]
+
+
+def sample_frames(path: Union[str, Path], config: CutConfig) -> np.ndarray:
+    """Frames of an encoded clip as uint8 (T, H, W, 3), read with decord."""
+    import decord
+
+    try:
+        probe_reader = decord.VideoReader(str(path), num_threads=1)
+    except (decord.DECORDError, RuntimeError, AssertionError) as e:
+        raise MediaError("decode_error", f"decord cannot read the clip: {e}") from None
+    width, height = -1, -1
+    if config.frames_size is not None:
+        h0, w0 = probe_reader[0].shape[:2]
+        width, height = output_size(w0, h0, config.frames_size)
+        probe_reader = decord.VideoReader(str(path), num_threads=1, width=width, height=height)
+    reader = probe_reader
+    indices = frame_indices(len(reader), reader.get_avg_fps(), config.num_frames, config.frames_fps)
+    return reader.get_batch(indices).asnumpy()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``np.save`` into bytes (deterministic: the header holds only dtype, order and shape)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def remove_quietly(path: Union[str, Path]) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
