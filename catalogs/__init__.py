@@ -70,13 +70,10 @@ def load_card(name: str, directory: str | Path = CARD_DIR) -> Card:
     for card in cards:
         if key in card.keys():
             return card
-    candidates = {k: c.name for c in cards for k in card_keys(c)}
+    candidates = {k: c.name for c in cards for k in c.keys()}
     close = difflib.get_close_matches(key, list(candidates), n=5, cutoff=0.5)
     close_names = list(dict.fromkeys(candidates[k] for k in close))
     close_names += [c.name for c in cards if key and key in normalise(c.name) and c.name not in close_names]
     hint = f"; did you mean {', '.join(close_names[:5])}?" if close_names else ""
     raise CatalogError(f"no catalog card named {name!r}{hint} (see `mmcurate catalog list`)")
 
-
-def card_keys(card: Card) -> list[str]:
-    return card.keys()

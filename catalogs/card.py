@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal, Optional
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, from_dict
 
 from .rowpath import compile_path
 
@@ -104,7 +104,7 @@ class License:
 
 @dataclass
 class Status:
-    state: State
+    state: Optional[State] = None           # null: not confirmed
     date: Optional[str] = None              # YYYY-MM or YYYY-MM-DD: when the state began
     note: str = ""
     successor: Optional[str] = None         # card to use instead (withdrawn datasets)
@@ -112,6 +112,8 @@ class Status:
     def validate(self) -> None:
         if self.date is not None and not _DATE_RE.match(self.date):
             raise ConfigError(f"date: expected YYYY-MM or YYYY-MM-DD, got {self.date!r}")
+        if self.state is None and self.date is not None:
+            raise ConfigError("date: a status date needs a state")
         if self.state == "withdrawn" and not self.note:
             raise ConfigError("note: a withdrawn dataset needs a note saying why and what to use instead")
 
@@ -194,19 +196,25 @@ class Card:
     title: str
     modality: Modality
     description: str
-    status: Status
     license: License
     metadata: Metadata
     sources: list[Source]
+    status: Status = field(default_factory=Status)
     size: Size = field(default_factory=Size)
     year: Optional[int] = None
     paper: Paper = field(default_factory=Paper)
     homepage: Optional[str] = None
-    reader: Optional[Reader] = None
+    # Optional[Reader]; typed Any so that from_dict hands over the mapping and __post_init__ converts it
+    # (errors inside an Optional[dataclass] would otherwise be reported only as "expected a mapping or null").
+    reader: Any = None
     aliases: list[str] = field(default_factory=list)
     related: list[str] = field(default_factory=list)    # other cards: subsets, successors, sources
     unconfirmed: list[str] = field(default_factory=list)  # fact paths left empty on purpose
     notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reader is not None and not isinstance(self.reader, Reader):
+            self.reader = from_dict(Reader, self.reader, "reader")
 
     def validate(self) -> None:
         if not _NAME_RE.match(self.name):

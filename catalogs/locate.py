@@ -29,7 +29,9 @@ def resolve_files(card: Card, files: list[str]) -> list[str]:
         if repo is not None:
             out.extend(hub_files(repo, [pattern] if pattern else default_patterns(card)))
         elif "://" not in entry and os.path.isdir(entry):
-            out.extend(_match(Path(entry), default_patterns(card)) or _nothing(entry, card))
+            # the published names first; a renamed copy still matches the format's suffixes
+            out.extend(_match(Path(entry), default_patterns(card)) or _match(Path(entry), suffix_patterns(card))
+                       or _nothing(entry, card))
         else:
             out.append(entry)
     return [m for path in out for m in _zip_members(card, path)]
@@ -51,10 +53,12 @@ def hub_reference(card: Card, entry: str) -> tuple[Optional[str], Optional[str]]
 
 
 def default_patterns(card: Card) -> list[str]:
-    if card.metadata.files:
-        return list(card.metadata.files)
-    suffixes = SUFFIXES.get(card.metadata.format or "", ())
-    return [f"**/*{s}" for s in suffixes] + [f"*{s}" for s in suffixes]
+    return list(card.metadata.files) if card.metadata.files else suffix_patterns(card)
+
+
+def suffix_patterns(card: Card) -> list[str]:
+    suffixes = SUFFIXES.get(card.metadata.format or "", ()) + ((".zip",) if card.metadata.compression == "zip" else ())
+    return [f"*{s}" for s in suffixes]
 
 
 def hub_files(repo: str, patterns: list[str]) -> list[str]:
@@ -86,13 +90,15 @@ def hub_files(repo: str, patterns: list[str]) -> list[str]:
 
 
 def _match(root: Path, patterns: list[str]) -> list[str]:
-    rel = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    return [str(root / r) for r in rel if any(fnmatch.fnmatch(r, pat) for pat in patterns)]
+    """Files under ``root`` whose relative path matches a pattern (``*`` also crosses folders)."""
+    rel = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return [str(root / r) for r in rel
+            if any(fnmatch.fnmatch(r, pat) or fnmatch.fnmatch(r.rsplit("/", 1)[-1], pat) for pat in patterns)]
 
 
 def _nothing(entry: str, card: Card) -> list[str]:
     raise ConfigError(f"input.files: no file in folder {entry!r} matches the {card.name} file patterns "
-                      f"{default_patterns(card)}")
+                      f"{default_patterns(card) + suffix_patterns(card)}")
 
 
 def _zip_members(card: Card, path: str) -> list[str]:

@@ -1,5 +1,8 @@
 """Source paths of a card's column map: ``col``, ``col.key``, ``col[other.path]`` and ``@index``.
 
+``A|B`` lists alternatives: the first whose top-level column the file has is used (for datasets
+whose releases spell a column differently).
+
 A path is compiled once per card and then resolved against a row (a mapping of source columns,
 plus ``@index`` for exploded rows). Missing keys, out-of-range indices and nulls resolve to None.
 """
@@ -32,6 +35,9 @@ class Path:
     def is_column(self) -> bool:
         return len(self.segments) == 1 and self.segments[0].index is None
 
+    def pick(self, available) -> "Path":
+        return self
+
     def columns(self) -> set[str]:
         """Every top-level column the path reads, including those inside index expressions."""
         out = {self.column}
@@ -57,14 +63,51 @@ class Path:
         return value
 
 
-def compile_path(text: str) -> Path:
-    """Parse a path; raises ValueError naming the path when it is malformed."""
+@dataclass(frozen=True)
+class Choice:
+    """Alternatives ``A|B``: per row the first non-null value; for whole columns the first present."""
+    text: str
+    options: tuple[Path, ...]
+
+    @property
+    def column(self) -> str:
+        return self.options[0].column
+
+    @property
+    def is_column(self) -> bool:
+        return all(p.is_column for p in self.options)
+
+    def columns(self) -> set[str]:
+        return set().union(*(p.columns() for p in self.options))
+
+    def pick(self, available) -> Path:
+        for p in self.options:
+            if p.column in available:
+                return p
+        return self.options[0]
+
+    def resolve(self, row: dict[str, Any]) -> Any:
+        for p in self.options:
+            value = p.resolve(row)
+            if value is not None:
+                return value
+        return None
+
+
+def compile_path(text: str):
+    """Parse a path (or ``A|B`` alternatives); raises ValueError naming the path when malformed."""
+    if "|" in text:
+        return Choice(text, tuple(_compile_one(t.strip()) for t in text.split("|")))
+    return _compile_one(text)
+
+
+def _compile_one(text: str) -> Path:
     segments = []
     for part in _split(text):
         m = _SEGMENT.match(part)
         if not m:
             raise ValueError(f"not a valid column path: {text!r}")
-        index = compile_path(m.group("index")) if m.group("index") else None
+        index = _compile_one(m.group("index")) if m.group("index") else None
         segments.append(Segment(m.group("name"), index))
     if not segments:
         raise ValueError(f"empty column path: {text!r}")

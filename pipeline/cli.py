@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands (catalog, report, stream, ...).
-EXTENSIONS: list[str] = []
+EXTENSIONS: list[str] = ["catalogs.cli", "pipeline.report"]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

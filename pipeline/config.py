@@ -41,9 +41,10 @@ def convert(tp: Any, value: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own message says what is wrong
+            return convert(options[0], value, path)
+        for arg in options:
             try:
                 return convert(arg, value, path)
             except ConfigError:

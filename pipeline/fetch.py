@@ -25,6 +25,7 @@ What one fetch does, and why:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import email.utils
 import ipaddress
@@ -142,8 +143,8 @@ _PREFIXES: tuple[tuple[bytes, str], ...] = (
 )
 _RIFF = {b"WEBP": "image/webp", b"AVI ": "video/x-msvideo"}
 _FTYP_IMAGE = {b"avif": "image/avif", b"avis": "image/avif", b"heic": "image/heic", b"heix": "image/heic",
-               b"heim": "image/heic", b"heis": "image/heic", b"hevc": "image/heic", b"hevx": "image/heic",
-               b"mif1": "image/heif", b"msf1": "image/heif"}
+               b"heim": "image/heic", b"heis": "image/heic", b"hevc": "image/heic", b"hevx": "image/heic"}
+_FTYP_HEIF = frozenset({b"mif1", b"msf1"})  # generic HEIF: a specific brand (avif, heic) wins
 _FTYP_AUDIO = frozenset({b"M4A ", b"M4B ", b"M4P ", b"F4A ", b"F4B "})
 _QUICKTIME_ATOMS = frozenset({b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"})
 _BMP_HEADER_SIZES = frozenset({12, 40, 52, 56, 64, 108, 124})
@@ -180,6 +181,8 @@ def _sniff_ftyp(data: bytes) -> Optional[str]:
     for brand in (major, *compatible):
         if brand in _FTYP_IMAGE:
             return _FTYP_IMAGE[brand]
+    if major in _FTYP_HEIF or _FTYP_HEIF.intersection(compatible):
+        return "image/heif"
     if major in _FTYP_AUDIO:
         return None
     if major == b"qt  ":
@@ -249,7 +252,7 @@ class VettingResolver(AbstractResolver):
         """The vetted addresses of ``host``; raises ForbiddenAddress or socket.gaierror."""
         literal = _ip_literal(host)
         if literal is not None:
-            return self._vet(host, [literal])
+            return self._vet(None, [literal])
         now = time.monotonic()
         entry = self._cache.get(host)
         if entry is None or entry[0] <= now:
@@ -267,12 +270,14 @@ class VettingResolver(AbstractResolver):
             raise socket.gaierror(socket.EAI_NONAME, f"{host} has no address")
         return self._vet(host, found)
 
-    def _vet(self, host: str, found: list[str]) -> list[str]:
+    def _vet(self, host: Optional[str], found: list[str]) -> list[str]:
+        """``found`` if every address may be contacted; ``host`` is None for an IP literal."""
         if not self._allow_all:
             for address in found:
                 reason = address_problem(address, self._allowed)
                 if reason:
-                    raise ForbiddenAddress(f"{host} resolves to {address} ({reason})")
+                    where = f"{host} resolves to {address}" if host else address
+                    raise ForbiddenAddress(f"{where}: {reason} address refused")
         return found
 
     def _trim(self, now: float) -> None:
@@ -389,13 +394,17 @@ class _FileSink:
         self._file = None
 
     def write(self, chunk: bytes) -> None:
-        if self._file is None:
-            self._file = open(self._tmp, "wb")
-        self._file.write(chunk)  # page-cache writes of 64 KiB: cheaper than a thread hop per chunk
+        try:
+            if self._file is None:
+                self._file = open(self._tmp, "wb")
+            self._file.write(chunk)  # page-cache writes of 64 KiB: cheaper than a thread hop per chunk
+        except OSError as exc:  # a full disk is the job's problem, not this URL's: not an OSError here
+            raise RuntimeError(f"cannot write {self._tmp}: {exc}") from exc
 
     def finish(self) -> tuple[Optional[bytes], Optional[str]]:
-        self.write(b"")  # an empty body still makes a file
+        self.write(b"")  # opens the file if the body was empty
         self._file.close()
+        self._file = None
         os.replace(self._tmp, self.path)
         return None, self.path
 
@@ -416,33 +425,17 @@ class _HostSlots:
         self._limit = limit
         self._slots: dict[str, list] = {}  # host -> [semaphore, users]
 
-    def _enter(self, host: str) -> asyncio.Semaphore:
+    @contextlib.asynccontextmanager
+    async def hold(self, host: str):
         slot = self._slots.setdefault(host, [asyncio.Semaphore(self._limit), 0])
         slot[1] += 1
-        return slot[0]
-
-    def _leave(self, host: str) -> None:
-        slot = self._slots[host]
-        slot[1] -= 1
-        if slot[1] == 0:
-            del self._slots[host]
-
-
-class _HostSlot:
-    def __init__(self, slots: _HostSlots, host: str) -> None:
-        self._slots, self._host = slots, host
-
-    async def __aenter__(self) -> None:
-        self._sem = self._slots._enter(self._host)
         try:
-            await self._sem.acquire()
-        except BaseException:
-            self._slots._leave(self._host)
-            raise
-
-    async def __aexit__(self, *exc) -> None:
-        self._sem.release()
-        self._slots._leave(self._host)
+            async with slot[0]:
+                yield
+        finally:
+            slot[1] -= 1
+            if slot[1] == 0:
+                del self._slots[host]
 
 
 class _Clock:
@@ -489,6 +482,7 @@ class Fetcher:
         self._lookup = lookup
         self._agent = agent_tokens(self.config.user_agent)
         self._session: Optional[aiohttp.ClientSession] = None
+        self.resolver: Optional[VettingResolver] = None
         self._dns_pool: Optional[ThreadPoolExecutor] = None
 
     async def __aenter__(self) -> "Fetcher":
@@ -567,6 +561,8 @@ class Fetcher:
             raise _Failure("too_many_redirects", f"more than {self.config.max_redirects} redirects")
         except _Failure as failure:
             return self._failed(url, current, sink, failure)
+        except (asyncio.TimeoutError, TimeoutError):
+            return self._failed(url, current, sink, _Failure("timeout", f"no complete response in {budget:.3g} s"))
         except Exception as exc:  # noqa: BLE001 - only the exceptions a network request can raise
             failure = _classify(exc)
             if failure is None:
@@ -584,7 +580,7 @@ class Fetcher:
     # One request: vet the destination, then connect, headers, body, all on the attempt's clock.
     async def _hop(self, url: URL, sink, clock: _Clock) -> Union[_Redirect, _Body]:
         # Host slot first: a request queued behind a busy host must not hold a global slot.
-        async with _HostSlot(self._hosts, url.raw_host), self._slots, clock:
+        async with self._hosts.hold(url.raw_host), self._slots, clock:
             try:
                 await self.resolver.addresses(url.raw_host)
             except ForbiddenAddress as exc:

@@ -14,6 +14,8 @@ img2dataset 1.47 (verified against its own ``Resizer`` by ``tests/data/make_img2
 * ``resize_only_if_bigger``: resize (and crop / pad) only when the short side (keep_ratio,
   center_crop) or the long side (border, keep_ratio_largest) is strictly above ``image_size``.
 * Filters: area averaging (PIL's BOX, OpenCV's INTER_AREA) to downscale, Lanczos to upscale.
+  PIL's BOX weighs whole source pixels where INTER_AREA weighs partial ones, so pixels differ
+  slightly at sharp edges; sizes, crop positions and padding are identical.
 * Alpha is composited on white; everything is re-encoded (jpg / png / webp).
 
 Where we deliberately differ from img2dataset:
@@ -21,9 +23,13 @@ Where we deliberately differ from img2dataset:
 * EXIF orientation is applied (img2dataset's ``cv2.IMREAD_UNCHANGED`` ignores it), so sizes,
   including ``original_width`` / ``original_height``, are those of the image as displayed.
 * Output is always 8-bit RGB: grayscale, CMYK, palette and 16-bit inputs are converted (16-bit
-  is scaled, not clipped). img2dataset keeps grayscale and fails to encode 16-bit as jpg.
+  is scaled, not clipped). img2dataset keeps grayscale, and OpenCV's jpg encoder drops 16-bit
+  samples to 8 bits without scaling.
 * The pixel cap and the size rules are checked on the header, before decoding; a truncated
   image is a ``decode_error`` (OpenCV pads it with grey and accepts it).
+* An output the encoder cannot hold (keep_ratio on a 1000x3 strip: 85333 px wide > JPEG's 65535)
+  or larger than ``max_pixels`` is ``encode_error``, refused before resizing (img2dataset fails
+  the same images in ``cv2.imencode``, after the work).
 * png: ``encode_quality`` 0..9 is the zlib level (img2dataset's meaning); above 9, such as the
   default 95, it means the default level 6 instead of an error.
 
@@ -45,15 +51,17 @@ from PIL import Image
 from .schema import ERROR_KINDS
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
-_SHORT_SIDE_MODES = ("keep_ratio", "center_crop")
-_LONG_SIDE_MODES = ("keep_ratio_largest", "border")
+_SHORT_SIDE_MODES = ("keep_ratio", "center_crop")  # the others scale the long side
 ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+# Largest side each encoder accepts (JPEG: 16-bit header fields; WebP: 14 bits).
+_MAX_SIDE = {"jpg": 65_535, "png": 2**31 - 1, "webp": 16_383}
 PNG_DEFAULT_LEVEL = 6
-WHITE = (255, 255, 255)
+_WHITE = {"RGB": (255, 255, 255), "L": 255}
+_JPEG_FORMATS = ("JPEG", "MPO")
 
 # Formats we decode. A whitelist, because PIL can also open formats that shell out (EPS runs
-# Ghostscript) or that nobody serves as a web image.
-_WANTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "AVIF", "BMP", "DIB", "TIFF", "PPM",
+# Ghostscript) or that nobody serves as a web image. MPO (camera multi-picture) opens as JPEG.
+_WANTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "DIB", "TIFF", "PPM",
                    "ICO", "JPEG2000")
 Image.init()  # register every plugin once, at import, not lazily inside worker threads
 INPUT_FORMATS = tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
@@ -221,16 +229,16 @@ def _orientation(img: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _to_rgb_or_l(img: Image.Image) -> Image.Image:
-    """Bring any decoded mode to 8-bit ``RGB`` or ``L``; alpha is composited on white here,
-    before resizing, as img2dataset does (and resizing 3 bands is cheaper than 4)."""
+def _normalize_mode(img: Image.Image) -> Image.Image:
+    """Bring any decoded mode to 8-bit ``RGB`` or ``L``. Alpha is composited on white here, before
+    resizing, as img2dataset does (and resizing 3 bands is cheaper than 4)."""
     mode = img.mode
     if mode in ("RGB", "L"):
         return img
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    elif mode in ("PA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
-        img = img.convert("RGBA" if mode in ("PA", "RGBa") else "RGB")
+    elif mode in ("PA", "RGBa"):
+        img = img.convert("RGBA")
     elif mode == "La":
         img = img.convert("LA")
     elif mode == "1":
@@ -242,53 +250,65 @@ def _to_rgb_or_l(img: Image.Image) -> Image.Image:
         img = Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA"):
         return _on_white(img)
-    return img if img.mode in ("RGB", "L") else img.convert("RGB")
+    return img if img.mode in ("RGB", "L") else img.convert("RGB")  # CMYK, YCbCr, RGBX, LAB, ...
 
 
 def _on_white(img: Image.Image) -> Image.Image:
     base = "RGB" if img.mode == "RGBA" else "L"
-    canvas = Image.new(base, img.size, WHITE if base == "RGB" else 255)
+    canvas = Image.new(base, img.size, _WHITE[base])
     canvas.paste(img.convert(base), mask=img.getchannel("A"))
     return canvas
 
 
 def _draft(img: Image.Image, target: tuple[int, int]) -> float:
     """Ask a JPEG to decode at 1/2, 1/4 or 1/8 scale in the IDCT, never below ``target`` (stored
-    orientation). Returns the scale divisor applied (1.0 when not a JPEG or not worth it)."""
-    if img.format not in ("JPEG", "MPO"):
+    orientation). Returns the scale divisor applied (1.0: not a JPEG, or no reduction)."""
+    if img.format not in _JPEG_FORMATS:
         return 1.0
     full_width = img.size[0]
-    drafted = img.draft("RGB", target)  # PIL picks the largest s in 8, 4, 2, 1 with size // s >= target
+    # PIL picks the largest s in 8, 4, 2, 1 with size // s >= target.
+    drafted = img.draft("RGB", target)
     if drafted is None:
         return 1.0
     return full_width / drafted[1][2]  # the returned box spans the full image in drafted pixels
 
 
-def _render(img: Image.Image, geometry: Geometry, orientation: int, result: ResizeResult) -> Image.Image:
-    """Decode ``img`` (header already read) and produce the displayed, resized, cropped image
-    (mode RGB or L); records the decoded size in ``result``."""
+def _source_box(img: Image.Image, geometry: Geometry, orientation: int) -> tuple[tuple[float, ...], tuple[int, int]]:
+    """The region of the stored image that becomes the output, and the output size in stored
+    orientation: the crop is folded into the resize so only kept pixels are resampled."""
     width, height = geometry.resized
     display = (img.size[1], img.size[0]) if orientation in _SWAPS_AXES else img.size
     fx, fy = display[0] / width, display[1] / height
     x0, y0, x1, y1 = geometry.crop
     box = _to_stored_box((x0 * fx, y0 * fy, x1 * fx, y1 * fy), orientation, display)
     out = (x1 - x0, y1 - y0)
-    if orientation in _SWAPS_AXES:
-        out = (out[1], out[0])
+    return box, (out[1], out[0]) if orientation in _SWAPS_AXES else out
+
+
+def _render(img: Image.Image, geometry: Geometry, orientation: int, result: ResizeResult) -> Image.Image:
+    """Decode ``img`` (header already read) and produce the displayed, resized, cropped image
+    (mode RGB or L); records the decoded size in ``result``."""
+    full_size = img.size
+    box, out = _source_box(img, geometry, orientation)
+    same_size = geometry.resized == ((full_size[1], full_size[0]) if orientation in _SWAPS_AXES else full_size)
     scale = 1.0
     if geometry.downscale:
-        stored_target = (height, width) if orientation in _SWAPS_AXES else (width, height)
-        scale = _draft(img, stored_target)
+        width, height = geometry.resized
+        scale = _draft(img, (height, width) if orientation in _SWAPS_AXES else (width, height))
     img.load()  # decode now (at the drafted scale): the file closes when the caller returns
     result.decoded_size = img.size
-    img = _to_rgb_or_l(img)
-    if scale != 1.0:
-        box = tuple(v / scale for v in box)
-    if (width, height) == display and scale == 1.0:
-        # img2dataset's resize is a no-op at the same size; only crop (integer box).
+    img = _normalize_mode(img)
+    box = tuple(v / scale for v in box)
+    # Float noise (203 * (43 / 203) > 203) must not push the box off the image.
+    box = (max(0.0, box[0]), max(0.0, box[1]), min(float(img.width), box[2]), min(float(img.height), box[3]))
+    if same_size and scale == 1.0:
+        # img2dataset's resize is a no-op at the same size; only crop (the box is integral).
+        box = tuple(round(v) for v in box)
         if box != (0, 0, *img.size):
-            img = img.crop(tuple(int(v) for v in box))
+            img = img.crop(box)
     else:
+        # No reducing_gap: BOX is already PIL's cheapest filter, and reduce()'s grid is anchored
+        # at the stored top-left, so results would shift with the EXIF orientation.
         resample = Image.Resampling.BOX if geometry.downscale else Image.Resampling.LANCZOS
         img = img.resize(out, resample, box=box)
     if orientation in _TRANSPOSE:
@@ -296,14 +316,28 @@ def _render(img: Image.Image, geometry: Geometry, orientation: int, result: Resi
     return img
 
 
+def _check_encodable(size: tuple[int, int], config: ResizeConfig) -> None:
+    """Refuse before resizing an output the encoder cannot write, or one larger than the pixel cap
+    (keep_ratio on a 3000x1 strip asks for 768000x256): img2dataset fails these in cv2.imencode."""
+    w, h = size
+    if max(w, h) > _MAX_SIDE[config.encode_format]:
+        raise _Reject("encode_error", f"output {w}x{h} exceeds the {config.encode_format} limit of "
+                                      f"{_MAX_SIDE[config.encode_format]} pixels per side")
+    if w * h > config.max_pixels:
+        raise _Reject("encode_error", f"output {w}x{h} exceeds max_pixels {config.max_pixels}")
+
+
 def _encode(img: Image.Image, config: ResizeConfig) -> bytes:
     buf = io.BytesIO()
     fmt = ENCODE_FORMATS[config.encode_format]
-    if fmt == "PNG":
-        level = config.encode_quality if config.encode_quality <= 9 else PNG_DEFAULT_LEVEL
-        img.save(buf, fmt, compress_level=level)
-    else:  # JPEG (4:2:0, as OpenCV) and lossy WebP take a 0..100 quality
-        img.save(buf, fmt, quality=config.encode_quality)
+    try:
+        if fmt == "PNG":
+            level = config.encode_quality if config.encode_quality <= 9 else PNG_DEFAULT_LEVEL
+            img.save(buf, fmt, compress_level=level)
+        else:  # JPEG (4:2:0, as OpenCV) and lossy WebP take a 0..100 quality
+            img.save(buf, fmt, quality=config.encode_quality)
+    except Exception as e:  # noqa: BLE001 - the pixels decoded fine: not a decode_error
+        raise _Reject("encode_error", f"{type(e).__name__}: {e}") from None
     return buf.getvalue()
 
 
@@ -320,11 +354,12 @@ def _process(data: bytes, config: ResizeConfig, result: ResizeResult) -> None:
         if rule is not None:
             raise _Reject(*rule)
         geometry = plan_geometry(w, h, config)
+        _check_encodable(geometry.output_size, config)
         rendered = _render(img, geometry, orientation, result)
     if rendered.mode != "RGB":
         rendered = rendered.convert("RGB")
     if geometry.canvas is not None:
-        canvas = Image.new("RGB", geometry.canvas, WHITE)
+        canvas = Image.new("RGB", geometry.canvas, _WHITE["RGB"])
         canvas.paste(rendered, geometry.offset)
         rendered = canvas
     result.data = _encode(rendered, config)

@@ -65,13 +65,16 @@ ERROR_KINDS: dict[str, tuple[str, str]] = {
     "too_large": (FAILED_TO_DOWNLOAD, "the body is larger than the byte cap"),
     "truncated": (FAILED_TO_DOWNLOAD, "the body ended before Content-Length bytes arrived"),
     "not_media": (FAILED_TO_DOWNLOAD, "the bytes are not an image or video (e.g. an HTML page)"),
+    "ytdlp_error": (FAILED_TO_DOWNLOAD, "yt-dlp could not fetch the video (unsupported page, removed, private)"),
     # decode / resize
     "decode_error": (FAILED_TO_DECODE, "the bytes could not be decoded"),
+    "encode_error": (FAILED_TO_DECODE, "the output cannot be encoded: beyond the format's size limits or the pixel cap"),
     "decompression_bomb": (FAILED_TO_DECODE, "the header announces more pixels than the pixel cap"),
     "too_small": (FAILED_TO_DECODE, "smaller than min_image_size"),
     "too_large_area": (FAILED_TO_DECODE, "larger than max_image_area"),
     "bad_aspect_ratio": (FAILED_TO_DECODE, "aspect ratio above max_aspect_ratio"),
     "too_long": (FAILED_TO_DECODE, "the video is longer than the duration cap"),
+    "cut_error": (FAILED_TO_DECODE, "the clip could not be cut or encoded"),
     # later stages
     "stage_error": (FAILED_TO_PROCESS, "a processing stage raised on this sample"),
 }

@@ -67,6 +67,43 @@ class DownloadSpec:
             raise ConfigError(f"retries: must be >= 0, got {self.retries}")
 
 
+X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
+                     "veryslow"]
+
+
+@dataclass
+class VideoSpec:
+    """The video path (``download.media: video``); network options, caps and opt-outs are download's."""
+    backend: Literal["http", "yt-dlp"] = "http"  # yt-dlp: pages that need an extractor (extra: mmcurate[ytdlp])
+    ytdlp_format: str = "bv*[ext=mp4]/b[ext=mp4]/bv*/b"  # yt-dlp format selector (video only)
+    resolution: Optional[int] = None     # short side of the clips (made even); null keeps the source size
+    fps: Optional[float] = None          # clip frame rate; null keeps the source's
+    clip_precision: Literal["exact", "keyframe"] = "exact"  # keyframe: start at the keyframe before the span
+    max_duration: Optional[float] = 600.0  # longest clip in seconds (the whole video when no span) -> too_long
+    crf: int = 23                        # libx264 quality when a clip is re-encoded
+    preset: X264Preset = "veryfast"
+    store_frames: bool = False           # sample frames with decord into KEY.frames.npy, uint8 (T, H, W, 3)
+    num_frames: Optional[int] = None     # that many frames, evenly spaced (8 when frames_fps is null too)
+    frames_fps: Optional[float] = None   # or frames at this rate from the clip's start
+    frames_size: Optional[int] = None    # short side of sampled frames; null: the clip's size
+    concurrency: int = 8                 # videos downloading or being cut at once, per task
+    decode_threads: int = 1              # decoder threads per clip (clips already run in parallel)
+    tmp_dir: Optional[str] = None        # where sources are downloaded; null: the system temp dir
+
+    def validate(self) -> None:
+        for name in ("resolution", "fps", "max_duration", "num_frames", "frames_fps", "frames_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {value}")
+        if self.num_frames is not None and self.frames_fps is not None:
+            raise ConfigError("num_frames, frames_fps: set one of them, not both")
+        if not 0 <= self.crf <= 51:
+            raise ConfigError(f"crf: must be in 0..51, got {self.crf}")
+        for name in ("concurrency", "decode_threads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+
+
 @dataclass
 class OutputSpec:
     dir: str = "out/job"
@@ -96,6 +133,7 @@ class JobSpec:
     input: InputSpec
     name: str = "job"
     download: DownloadSpec = field(default_factory=DownloadSpec)
+    video: VideoSpec = field(default_factory=VideoSpec)
     filters: list[dict[str, Any]] = field(default_factory=list)   # [{name: {options}}], in order
     tokenize: dict[str, Any] = field(default_factory=dict)        # {text: {...}, image: {...}}
     output: OutputSpec = field(default_factory=OutputSpec)

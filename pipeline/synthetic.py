@@ -11,11 +11,15 @@ pure function of ``(seed, index)``, so any process can regenerate sample ``i`` w
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import random
 from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
+
+from . import schema
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -160,3 +164,31 @@ def _place(points, cx: float, cy: float, rotation: float) -> list[tuple[float, f
     a = math.radians(rotation)
     c, s = math.cos(a), math.sin(a)
     return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in points]
+
+
+def encode(image: Image.Image, fmt: str = "jpg", quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt], quality=quality)
+    return buf.getvalue()
+
+
+def make_batch(pairs: list[tuple[Image.Image, str]], fmt: str = "jpg", shard_id: int = 0,
+               quality: int = 95) -> dict[str, list]:
+    """A pipeline batch (see pipeline.schema) of these pairs as the download stage leaves it:
+    encoded images under ``fmt``, sizes and sha256 filled in, every row still pending."""
+    n = len(pairs)
+    images = [encode(im, fmt, quality) for im, _ in pairs]
+    return {
+        schema.KEY: [schema.make_key(shard_id, i, max(n, 1)) for i in range(n)],
+        schema.URL: [f"synthetic://{i}" for i in range(n)],
+        schema.CAPTION: [c for _, c in pairs],
+        schema.STATUS: [schema.PENDING] * n,
+        schema.ERROR_KIND: [None] * n,
+        schema.ERROR_MESSAGE: [None] * n,
+        schema.WIDTH: [im.width for im, _ in pairs],
+        schema.HEIGHT: [im.height for im, _ in pairs],
+        schema.ORIGINAL_WIDTH: [im.width for im, _ in pairs],
+        schema.ORIGINAL_HEIGHT: [im.height for im, _ in pairs],
+        schema.SHA256: [hashlib.sha256(b).hexdigest() for b in images],
+        schema.FILES: [{fmt: b} for b in images],
+    }

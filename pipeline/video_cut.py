@@ -16,6 +16,7 @@ decord release the GIL while they decode and encode) and tests can run them with
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -27,9 +28,10 @@ import numpy as np
 
 Span = Optional[tuple[Optional[float], Optional[float]]]
 
-# x264 options that keep encodes repeatable: one thread (no frame-thread nondeterminism in rate
-# control), no scene-cut dependency on lookahead threads, fixed GOP.
-_X264_PARAMS = "keyint=250:min-keyint=25:scenecut=40:rc-lookahead=20"
+# x264 options that keep encodes repeatable, so a resumed job writes the same bytes: one thread,
+# and no macroblock-tree rate control, whose SIMD code is not repeatable in the x264 that PyAV
+# bundles (measured: 7 different outputs from 20 encodes of the same frames; 1 with mbtree=0).
+_X264_PARAMS = "mbtree=0"
 _MUX_OPTIONS = {"movflags": "+faststart", "fflags": "+bitexact"}
 
 
@@ -61,9 +63,10 @@ class CutConfig:
     def from_spec(cls, spec) -> "CutConfig":
         """From a JobSpec: its ``video`` section plus the download section's pixel cap."""
         v = spec.video
+        num_frames = v.num_frames if v.num_frames is not None or v.frames_fps is not None else 8
         return cls(resolution=v.resolution, fps=v.fps, precision=v.clip_precision, crf=v.crf,
                    preset=v.preset, max_duration=v.max_duration, max_pixels=spec.download.max_pixels,
-                   store_frames=v.store_frames, num_frames=v.num_frames, frames_fps=v.frames_fps,
+                   store_frames=v.store_frames, num_frames=num_frames, frames_fps=v.frames_fps,
                    frames_size=v.frames_size, decode_threads=v.decode_threads)
 
     @property
@@ -157,7 +160,7 @@ def output_size(width: int, height: int, resolution: Optional[int]) -> tuple[int
     if resolution is not None:
         scale = resolution / min(width, height)
         width, height = width * scale, height * scale
-    return max(2, 2 * round(width / 2)), max(2, 2 * round(height / 2))
+    return max(2, 2 * int(width / 2 + 0.5)), max(2, 2 * int(height / 2 + 0.5))  # halves round up
 
 
 # -- cutting -------------------------------------------------------------------------------------
@@ -172,6 +175,8 @@ def cut_clips(path: Union[str, Path], spans: list[Span], config: CutConfig, work
             info = probe(container, config.max_pixels)
     except MediaError as e:
         return None, [e] * len(spans)
+    except Exception as e:  # noqa: BLE001 - odd containers must fail their rows, not the shard
+        return None, [MediaError("decode_error", f"{type(e).__name__}: {e}")] * len(spans)
     results: list[Union[Clip, MediaError]] = []
     for n, span in enumerate(spans):
         try:
@@ -221,55 +226,74 @@ def _remux(path, info: SourceInfo, start: float, end: float, config: CutConfig, 
     in ``keyframe`` mode the last one at or before it. Every prefix of the decode order is
     decodable, so the end is cut at the first packet past ``end`` when decode order equals display
     order (no B-frames); with B-frames the end moves to the next keyframe, which ``exact`` mode
-    refuses (it then re-encodes).
+    refuses (it then re-encodes). Packets are streamed to the output, never all held.
     """
-    half = 0.5 / float(info.fps)
+    exact = config.precision == "exact"
     with _open(path) as container:
         vs = _video_stream(container)
-        tb = vs.time_base
-        origin = vs.start_time or 0
-        to_pts = lambda t: origin + int(round(t / tb))  # noqa: E731
-        start_pts, end_pts, tol = to_pts(start), to_pts(end) if math.isfinite(end) else None, int(half / tb)
-        container.seek(max(origin, to_pts(start - 2 * half)), stream=vs, backward=True)
+        tb, origin = vs.time_base, vs.start_time or 0
+        tol = int(0.5 / float(info.fps) / tb)  # half a frame, in stream ticks
+        start_pts = origin + int(round(start / tb))
+        end_pts = origin + int(round(end / tb)) if math.isfinite(end) else None
+        limit = None if config.max_duration is None else config.max_duration / tb
+        container.seek(max(origin, start_pts - 4 * tol), stream=vs, backward=True)
+        packets = _from_keyframe(container.demux(vs), start_pts + tol)
+        head = next(packets, None)
+        if head is None or (exact and abs(head.pts - start_pts) > tol):
+            return None
+        first, last_end, count, at_eof = head.pts, head.pts, 0, True
         in_order = not vs.codec_context.has_b_frames
-        packets: list = []
-        for pkt in container.demux(vs):
-            if pkt.pts is None or pkt.dts is None or not pkt.size:
-                continue
-            if not packets:
-                if pkt.pts > start_pts + tol:
-                    return None  # no keyframe at or before the start (a corrupt or odd index)
-                if pkt.is_keyframe:
-                    packets.append(pkt)
-                continue
-            if pkt.is_keyframe and pkt.pts <= start_pts + tol:
-                packets = [pkt]  # a later keyframe that is still at or before the start
-                continue
-            in_order = in_order and pkt.pts == pkt.dts
-            if pkt.pts < packets[0].pts:
-                continue  # open-GOP leading frames: they reference the previous GOP
-            if end_pts is not None and pkt.pts >= end_pts - tol:
-                if in_order or pkt.is_keyframe:
-                    break
-                if config.precision == "exact":
-                    return None
-            packets.append(pkt)
-        if not packets:
-            return None
-        first = packets[0].pts
-        if config.precision == "exact" and abs(first - start_pts) > tol:
-            return None
         with _open_output(out_path) as out:
             ostream = out.add_stream_from_template(vs)
-            for pkt in packets:
-                pkt.pts -= first
-                pkt.dts -= first
-                pkt.stream = ostream
+            for pkt in itertools.chain([head], packets):
+                if count:
+                    in_order = in_order and pkt.pts == pkt.dts
+                    if pkt.pts < first:
+                        continue  # open-GOP leading frames: they reference the previous GOP
+                    if end_pts is not None and pkt.pts >= end_pts - tol:
+                        if in_order or pkt.is_keyframe:
+                            at_eof = False
+                            break
+                        if exact:
+                            return None
+                if limit is not None and pkt.pts - first > limit:
+                    raise MediaError("too_long", f"the video runs past max_duration {config.max_duration}s")
+                last_end = max(last_end, pkt.pts + (pkt.duration or 0))
+                pkt.pts, pkt.dts, pkt.stream = pkt.pts - first, pkt.dts - first, ostream
                 out.mux(pkt)
-        last_end = max((p.pts + (p.duration or 0)) for p in packets)
-        width, height = info.width, info.height
-    return Clip(data=b"", start=float((first - origin) * tb), end=float((last_end + first - origin) * tb),
-                frame_count=len(packets), fps=float(info.fps), width=width, height=height, method="remux")
+                count += 1
+    if exact and not at_eof and abs(last_end - end_pts) > tol:
+        return None  # e.g. open-GOP frames missing before the next keyframe
+    return Clip(data=b"", start=float((first - origin) * tb), end=float((last_end - origin) * tb),
+                frame_count=count, fps=float(info.fps), width=info.width, height=info.height, method="remux")
+
+
+def _from_keyframe(demux, start_limit: int):
+    """Packets in decode order from the last keyframe whose pts is at most ``start_limit``.
+
+    Packets are held only until that keyframe is certain: once a packet's dts passes the limit no
+    later keyframe can qualify (a keyframe's pts is at least its dts). Yields nothing when the
+    first timed packet is already past the limit.
+    """
+    held: list = []
+    settled = False
+    for pkt in demux:
+        if pkt.pts is None or pkt.dts is None or not pkt.size:
+            continue
+        if settled:
+            yield pkt
+            continue
+        if pkt.is_keyframe and pkt.pts <= start_limit:
+            held = [pkt]
+        elif held:
+            held.append(pkt)
+        elif pkt.pts > start_limit:
+            return
+        if held and pkt.dts > start_limit:
+            settled = True
+            yield from held
+            held = []
+    yield from held  # the source ended before the start was settled
 
 
 def _reencode(path, info: SourceInfo, start: float, end: float, config: CutConfig, out_path: Path) -> Clip:
@@ -288,7 +312,7 @@ def _reencode(path, info: SourceInfo, start: float, end: float, config: CutConfi
         container.seek(max(origin, origin + int((start - 2 * src_half) / tb)), stream=vs, backward=True)
         with _open_output(out_path) as out:
             ostream = _add_h264_stream(out, rate, width, height, config)
-            encoder = _Resampler(ostream, out, start, end, step, src_half, width, height)
+            encoder = _Resampler(ostream, out, start, end, rate, src_half, width, height)
             for frame in container.decode(vs):
                 pts = frame.pts if frame.pts is not None else frame.dts
                 if pts is None:
@@ -324,12 +348,13 @@ class _Resampler:
     ``end``.
     """
 
-    def __init__(self, ostream, out, start: float, end: float, step: float, src_half: float,
+    def __init__(self, ostream, out, start: float, end: float, rate: Fraction, src_half: float,
                  width: int, height: int):
         self.ostream, self.out = ostream, out
-        self.start, self.end, self.step, self.src_half = start, end, step, src_half
+        self.time_base = 1 / rate
+        self.start, self.end, self.step, self.src_half = start, end, 1 / float(rate), src_half
         self.width, self.height = width, height
-        self.first_time: float = start
+        self.first_time = start  # the time of the first source frame in the clip, once seen
         self.count = 0
         self.done = False
         self._held = None  # the source frame currently on screen, and its time
@@ -342,19 +367,21 @@ class _Resampler:
     def _next_time(self) -> float:
         return self.first_time + self.count * self.step
 
+    def _past_end(self) -> bool:
+        """The next output frame's midpoint is at or after the span's end (the end is exclusive)."""
+        return self._next_time() + self.step / 2 >= self.end - 1e-9
+
     def push(self, frame, t: float) -> None:
         if self._held is None:
             if t + self.src_half < self.start:
-                return  # before the span (decoded only to reach it)
-            self.first_time = max(t, self.start - self.src_half) if self.count == 0 else self.first_time
-            self.first_time = t if t <= self.start + self.src_half else self.start
-            self._held, self._held_time = frame, t
-            return
-        # Emit every output instant the held frame covers, up to the new frame's start.
-        while not self.done and self._next_time() + 1e-9 < t - self.src_half:
-            self._emit()
+                return  # mostly before the span: decoded only to reach it
+            self.first_time = t
+        else:
+            # Output instants before the new frame takes over show the held frame (ties: the held one).
+            while not self.done and self._next_time() + self.src_half <= t + 1e-9:
+                self._emit()
         self._held, self._held_time = frame, t
-        if self._next_time() + self.step / 2 > self.end:
+        if self._past_end():
             self.done = True
 
     def finish(self) -> None:
@@ -362,17 +389,20 @@ class _Resampler:
         if self._held is None:
             return
         last_end = self._held_time + 2 * self.src_half
-        while not self.done and self._next_time() + self.step / 2 <= min(self.end, last_end) + 1e-9:
+        while not self.done and self._next_time() + self.step / 2 <= last_end + 1e-9:
             self._emit()
 
     def _emit(self) -> None:
-        if self._next_time() + self.step / 2 > self.end:
+        if self._past_end():
             self.done = True
             return
+        from av.video.frame import PictureType
+
         frame = self._held.reformat(width=self.width, height=self.height, format="yuv420p",
                                     interpolation="BICUBIC")
         frame.pts = self.count
-        frame.time_base = self.ostream.time_base
+        frame.time_base = self.time_base  # the muxer may change the stream's time base: not that one
+        frame.pict_type = PictureType.NONE  # else x264 copies the source's frame types
         self.out.mux(self.ostream.encode(frame))
         self.count += 1
 

@@ -1,0 +1,61 @@
+"""Ready-to-run job specs for a card: sensible download settings per modality and media source."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from .card import Card
+
+JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
+
+IMAGE_DOWNLOAD = {"image_size": 256, "resize_mode": "center_crop", "encode_format": "jpg", "encode_quality": 95,
+                  "timeout": 10, "retries": 1}
+# Web-hosted video files are larger and slower than images; keep fewer in flight.
+VIDEO_DOWNLOAD = {"media": "video", "timeout": 60, "retries": 1, "max_bytes": 300_000_000, "concurrency": 64,
+                  "per_host_limit": 8}
+# YouTube throttles aggressively (HTTP 429, bot checks): few requests per host.
+YOUTUBE_DOWNLOAD = {"media": "video", "timeout": 120, "retries": 2, "max_bytes": 500_000_000, "concurrency": 16,
+                    "per_host_limit": 4}
+
+
+def default_input(card: Card) -> str:
+    """Where the metadata is expected: the hub repo, or a local folder named after the card."""
+    if card.metadata.hf_repo:
+        return f"hf://datasets/{card.metadata.hf_repo}"
+    return f"data/{card.name}/"
+
+
+def download_settings(card: Card) -> dict[str, Any]:
+    if card.modality == "video-text":
+        return dict(YOUTUBE_DOWNLOAD if card.metadata.media == "youtube" else VIDEO_DOWNLOAD)
+    return dict(IMAGE_DOWNLOAD)
+
+
+def job_spec(card: Card, files: Optional[list[str]] = None, out_dir: Optional[str] = None) -> dict[str, Any]:
+    """A job spec (plain dict, as in YAML) that reads ``card`` through its catalog reader."""
+    video = card.modality == "video-text"
+    return {
+        "name": card.name,
+        "input": {"catalog": card.name, "files": list(files) if files else [default_input(card)]},
+        "download": download_settings(card),
+        "filters": [],
+        "output": {"dir": out_dir or f"out/{card.name}", "samples_per_shard": 1000 if video else 10000},
+        "execution": {"engine": "ray"},
+    }
+
+
+def job_file(card: Card) -> Optional[Path]:
+    path = JOBS_DIR / f"{card.name}.yaml"
+    return path if path.is_file() else None
+
+
+def run_line(card: Card) -> str:
+    """One shell line that runs the card: the bundled job spec if there is one, else a generated one."""
+    if card.reader is None:
+        return (f"# {card.name} has no confirmed column map: convert its metadata to parquet/csv/jsonl, then\n"
+                f"mmcurate run JOB.yaml   # with input.files, input.url_col and input.caption_col set")
+    bundled = job_file(card)
+    if bundled is not None:
+        return f"mmcurate run jobs/{bundled.name}"
+    return f"mmcurate catalog spec {card.name} --files {default_input(card)} > {card.name}.yaml && " \
+           f"mmcurate run {card.name}.yaml"

@@ -1,0 +1,198 @@
+"""``clip_score``: cosine similarity of each image with its caption under an open_clip model, in
+the stream between download and write, so only kept samples are ever written.
+
+Rules: ``min`` (absolute threshold) and ``top_fraction`` (keep the best fraction of the job: the
+threshold is the quantile of the scores of the first ``sample_size`` rows, computed once by
+``prepare`` and stored in manifest.json, so a resumed job uses the same one). Presets:
+``laion`` (OpenAI ViT-B-32, min 0.28) and ``datacomp`` (OpenAI ViT-L-14, top 30%); keys given
+next to a preset override it. Every scored row gets ``clip_score``; with ``store_embeddings``
+the image embedding is written as ``KEY.clip.npy`` (float16, L2-normalised).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import numpy as np
+
+from pipeline import schema
+from pipeline.config import ConfigError, from_dict
+from pipeline.stage import Batch, JobContext, Resources
+
+from .base import Filter, alive_with_image
+from .clip_model import RANDOM_WEIGHTS, absolute_if_path, file_digest, is_config_path
+
+COLUMN = "clip_score"
+SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip ids that carry their own weights (pretrained is ignored)
+EMBEDDING_FILE = "clip.npy"
+PRESETS: dict[str, dict[str, Any]] = {
+    "laion": {"model": "ViT-B-32", "pretrained": "openai", "min": 0.28},        # LAION-5B (English)
+    "datacomp": {"model": "ViT-L-14", "pretrained": "openai", "top_fraction": 0.3},  # DataComp CLIP L/14 30%
+}
+
+
+@dataclass
+class ClipScoreOptions:
+    model: str = "ViT-B-32"             # open_clip name, hf-hub:/local-dir: id, or a model config JSON
+    pretrained: Optional[str] = None    # open_clip tag, checkpoint path, or "random" (benchmarks only)
+    min: Optional[float] = None
+    top_fraction: Optional[float] = None
+    sample_size: int = 5000             # rows scored up front to set the top_fraction threshold
+    batch_size: int = 256
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_gpus: float = 1.0               # per actor, when on a GPU (fractions pack several per GPU)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    decode: Literal["auto", "pil", "torch"] = "auto"     # auto: torch (nvJPEG) on CUDA, pil on CPU
+    draft: bool = True                  # pil: JPEG DCT-domain downscale when >= 2x the model input
+    decode_threads: int = 2
+    store_embeddings: bool = False
+
+    def validate(self) -> None:
+        if not self.pretrained and not self.model.startswith(SCHEMAS):
+            raise ConfigError("pretrained: required: an open_clip tag (e.g. openai), a checkpoint path, "
+                              f"or {RANDOM_WEIGHTS!r} for random weights")
+        if self.min is not None and not -1 <= self.min <= 1:
+            raise ConfigError(f"min: a cosine similarity, in -1..1; got {self.min}")
+        if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
+            raise ConfigError(f"top_fraction: must be in (0, 1], got {self.top_fraction}")
+        for name in ("sample_size", "batch_size", "decode_threads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.num_gpus <= 0:
+            raise ConfigError(f"num_gpus: must be > 0, got {self.num_gpus}")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class ClipScoreFilter(Filter):
+    name = "clip_score"
+    Options = ClipScoreOptions
+    stateful = True  # on Ray: a pool of actors, each loading the model once
+
+    def __init__(self, options: ClipScoreOptions) -> None:
+        # paths made absolute here, in the driver: actors may run in another directory
+        super().__init__(dataclasses.replace(options, model=absolute_if_path(options.model),
+                                             pretrained=absolute_if_path(options.pretrained)))
+        self.threshold: Optional[float] = None  # the top_fraction cut, from prepare() or restore()
+        self._scorer = None
+        self._fingerprint: Optional[dict] = None
+
+    @classmethod
+    def parse(cls, raw: Any, path: str) -> ClipScoreOptions:
+        raw = dict(raw or {})
+        preset = raw.pop("preset", None)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ConfigError(f"{path}.preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+            raw = {**PRESETS[preset], **raw}
+        return from_dict(ClipScoreOptions, raw, path)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_scorer": None}  # the model never travels: each worker loads it
+
+    def _device(self) -> str:
+        if self.options.device == "auto":
+            return "cuda" if _cuda_available() else "cpu"
+        return self.options.device
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=1, gpus=self.options.num_gpus if self._device() == "cuda" else 0)
+
+    def check(self) -> None:
+        import open_clip
+
+        from .clip_model import register_model
+
+        o = self.options
+        if o.model.startswith(SCHEMAS):
+            return  # resolved by open_clip when loading
+        name, _ = register_model(o.model)
+        if open_clip.get_model_config(name) is None:
+            raise ConfigError(f"clip_score.model: {o.model!r} is neither an open_clip model "
+                              f"(see open_clip.list_models()) nor a model config JSON file")
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if o.pretrained != RANDOM_WEIGHTS and not os.path.isfile(o.pretrained) and o.pretrained not in tags:
+            raise ConfigError(f"clip_score.pretrained: {o.pretrained!r} is not a checkpoint file nor an open_clip "
+                              f"tag of {name} (tags: {', '.join(tags) or 'none'})")
+
+    def setup(self) -> None:
+        if self._scorer is not None:
+            return
+        from .clip_model import load_clip
+        from .clip_scorer import ClipScorer
+
+        o = self.options
+        clip = load_clip(o.model, o.pretrained, device=self._device())
+        self._scorer = ClipScorer(clip, batch_size=o.batch_size, precision=o.precision, decode=o.decode,
+                                  draft=o.draft, threads=o.decode_threads)
+
+    def _score(self, batch: Batch, embeddings: bool = False):
+        """Scores of the alive rows with an image; undecodable images are marked here."""
+        self.setup()
+        idx, images = alive_with_image(batch)
+        captions = [batch[schema.CAPTION][i] or "" for i in idx]
+        result = self._scorer.score(images, captions, embeddings=embeddings)
+        for pos, message in result.errors.items():
+            schema.mark(batch, idx[pos], "decode_error", f"{self.name}: {message}")
+        ok = [p for p in range(len(idx)) if p not in result.errors]
+        return idx, ok, result
+
+    def __call__(self, batch: Batch) -> Batch:
+        o = self.options
+        if o.top_fraction is not None and self.threshold is None:
+            raise RuntimeError("clip_score: top_fraction needs its threshold: the job runs prepare() or "
+                               "restore() before any shard")
+        idx, ok, result = self._score(batch, embeddings=o.store_embeddings)
+        rows = [idx[p] for p in ok]
+        scores = [float(result.scores[p]) for p in ok]
+        schema.set_column(batch, COLUMN, rows, scores)
+        files = batch[schema.FILES]
+        for p, i, score in zip(ok, rows, scores):
+            if o.min is not None and score < o.min:
+                self.reject(batch, i, f"clip score {score:.4f} below min {o.min:g}")
+            elif self.threshold is not None and score < self.threshold:
+                self.reject(batch, i, f"clip score {score:.4f} below the top {o.top_fraction:.0%} "
+                                      f"threshold {self.threshold:.4f}")
+            elif o.store_embeddings:
+                buf = io.BytesIO()
+                np.save(buf, result.image_embeddings[p])
+                files[i][EMBEDDING_FILE] = buf.getvalue()
+        return batch
+
+    # -- the top_fraction threshold, once per job ------------------------------------------------
+    def prepare(self, context: JobContext) -> dict[str, Any] | None:
+        fraction = self.options.top_fraction
+        if fraction is None:
+            return None
+        scores: list[float] = []
+        for batch in context.sample_batches(self.options.sample_size):
+            _, ok, result = self._score(batch)
+            scores.extend(float(result.scores[p]) for p in ok)
+        if not scores:
+            raise RuntimeError(f"clip_score: none of the first {self.options.sample_size} rows reached the filter "
+                               "with a decodable image, so the top_fraction threshold cannot be estimated")
+        threshold = float(np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - fraction))
+        return {"threshold": threshold, "top_fraction": fraction, "sample_size": len(scores)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.threshold = state.get("threshold")
+
+    def fingerprint(self) -> dict[str, Any]:
+        if self._fingerprint is None:
+            o = self.options
+            fp: dict[str, Any] = {"filter": self.name, "model": o.model, "pretrained": o.pretrained,
+                                  "precision": o.precision, "decode": o.decode, "draft": o.draft}
+            if is_config_path(o.model):
+                fp["model"], fp["model_config_sha256"] = os.path.basename(o.model), file_digest(o.model)
+            if o.pretrained and os.path.isfile(o.pretrained):
+                fp["pretrained"], fp["pretrained_sha256"] = os.path.basename(o.pretrained), file_digest(o.pretrained)
+            self._fingerprint = fp
+        return self._fingerprint

@@ -1,0 +1,265 @@
+"""``mmcurate report OUTPUT_DIR``: one self-contained HTML page about a job's output.
+
+Totals, statuses, error kinds, rejections per filter, time per stage, and histograms (CLIP score,
+original size, aspect ratio, caption length) drawn with matplotlib and embedded as PNG. It reads
+the per-shard sidecars (``NNNNN_stats.json``, ``NNNNN.parquet``) and ``manifest.json``, one shard
+at a time into fixed-bin histograms, so memory does not grow with the job.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import schema
+
+SHARD_STATS = re.compile(r"^(\d{5,})_stats\.json$")
+CLIP_COLUMN = "clip_score"
+
+
+@dataclass
+class Histogram:
+    """Counts over fixed bin edges, split into samples written to the tars and samples dropped;
+    values outside the edges land in the first or last bin."""
+
+    title: str
+    xlabel: str
+    edges: np.ndarray
+    log_x: bool = False
+    kept: np.ndarray = field(init=False)
+    dropped: np.ndarray = field(init=False)
+    marks: list[tuple[float, str]] = field(default_factory=list)  # vertical lines: (x, label)
+
+    def __post_init__(self) -> None:
+        self.kept = np.zeros(len(self.edges) - 1, dtype=np.int64)
+        self.dropped = np.zeros(len(self.edges) - 1, dtype=np.int64)
+
+    def add(self, values: np.ndarray, kept: np.ndarray) -> None:
+        ok = np.isfinite(values)
+        values, kept = values[ok], kept[ok]
+        bins = np.clip(np.searchsorted(self.edges, values, side="right") - 1, 0, len(self.edges) - 2)
+        self.kept += np.bincount(bins[kept], minlength=len(self.kept))
+        self.dropped += np.bincount(bins[~kept], minlength=len(self.dropped))
+
+    @property
+    def total(self) -> int:
+        return int(self.kept.sum() + self.dropped.sum())
+
+    def png(self) -> bytes:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        used = np.nonzero(self.kept + self.dropped)[0]
+        lo, hi = max(used.min() - 3, 0), min(used.max() + 4, len(self.kept))  # a little margin
+        edges = self.edges[lo:hi + 1]
+        fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=100)
+        widths = np.diff(edges)
+        ax.bar(edges[:-1], self.kept[lo:hi], width=widths, align="edge", color="#3b7dd8", label="written")
+        ax.bar(edges[:-1], self.dropped[lo:hi], width=widths, align="edge", bottom=self.kept[lo:hi],
+               color="#d8893b", label="dropped")
+        for x, label in self.marks:
+            ax.axvline(x, color="black", linestyle="--", linewidth=1, label=label)
+        if self.log_x:
+            from matplotlib.ticker import FormatStrFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(FormatStrFormatter("%g" if edges[-1] / edges[0] < 10 else ""))
+        ax.set_title(self.title)
+        ax.set_xlabel(self.xlabel)
+        ax.set_ylabel("samples")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", metadata={"Software": None})
+        plt.close(fig)
+        return buf.getvalue()
+
+
+def _histograms() -> dict[str, Histogram]:
+    return {
+        "clip": Histogram("CLIP score", "cosine similarity of image and caption", np.linspace(-1, 1, 401)),
+        "size": Histogram("Original size", "longer side (pixels)", np.geomspace(1, 65536, 97), log_x=True),
+        "aspect": Histogram("Aspect ratio", "width / height", np.geomspace(1 / 16, 16, 97), log_x=True),
+        "caption": Histogram("Caption length", "words", np.arange(0, 102, 2)),
+    }
+
+
+def _column(table: pa.Table, name: str) -> Optional[np.ndarray]:
+    if name not in table.column_names:
+        return None
+    column = table.column(name)
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+        return None  # e.g. all null: the stage never scored anything here
+    return column.to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _words(table: pa.Table) -> Optional[np.ndarray]:
+    if schema.CAPTION not in table.column_names:
+        return None
+    captions = table.column(schema.CAPTION)
+    if not pa.types.is_string(captions.type) and not pa.types.is_large_string(captions.type):
+        return None
+    words = pc.list_value_length(pc.utf8_split_whitespace(pc.utf8_trim_whitespace(captions)))
+    return words.to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+@dataclass
+class Summary:
+    output_dir: Path
+    manifest: dict[str, Any]
+    shards: int = 0
+    tar_bytes: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    kinds: Counter = field(default_factory=Counter)
+    timings: Counter = field(default_factory=Counter)
+    histograms: dict[str, Histogram] = field(default_factory=_histograms)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.statuses.values())
+
+
+def summarize(output_dir: str | Path) -> Summary:
+    out = Path(output_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out}: no such output directory")
+    stats_files = sorted(p for p in out.iterdir() if SHARD_STATS.match(p.name))
+    if not stats_files:
+        raise FileNotFoundError(f"{out}: no complete shard (no NNNNN_stats.json) to report on")
+    manifest_path = out / "manifest.json"
+    summary = Summary(out, json.loads(manifest_path.read_text()) if manifest_path.exists() else {})
+    wanted = [schema.STATUS, schema.CAPTION, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, CLIP_COLUMN]
+    h = summary.histograms
+    for path in stats_files:
+        stats = json.loads(path.read_text())
+        summary.shards += 1
+        summary.tar_bytes += stats.get("tar_bytes", 0)
+        summary.statuses.update(stats.get("status_counts", stats.get("counts", {})))
+        summary.kinds.update(stats.get("error_kinds", {}))
+        summary.timings.update(stats.get("timings", {}))
+        table_path = path.with_name(path.name.replace("_stats.json", ".parquet"))
+        if not table_path.exists():
+            continue
+        present = set(pq.read_schema(table_path).names)
+        table = pq.read_table(table_path, columns=[c for c in wanted if c in present])
+        kept = pc.fill_null(pc.equal(table.column(schema.STATUS), schema.SUCCESS), False).to_numpy(
+            zero_copy_only=False)
+        width, height = _column(table, schema.ORIGINAL_WIDTH), _column(table, schema.ORIGINAL_HEIGHT)
+        for name, values in (("clip", _column(table, CLIP_COLUMN)), ("caption", _words(table)),
+                             ("size", None if width is None else np.fmax(width, height)),
+                             ("aspect", None if width is None else width / height)):
+            if values is not None:
+                h[name].add(values, kept)
+    _mark_clip_rules(summary)
+    return summary
+
+
+def _mark_clip_rules(summary: Summary) -> None:
+    """Draw the clip_score thresholds the job used (``min`` and the stored top_fraction cut)."""
+    job, state = summary.manifest.get("job", {}), summary.manifest.get("stage_state", {})
+    for entry in job.get("filters", []):
+        options = entry.get("clip_score") if isinstance(entry, dict) else None
+        if isinstance(options, dict) and options.get("min") is not None:
+            summary.histograms["clip"].marks.append((float(options["min"]), f"min {options['min']}"))
+    for key, value in state.items():
+        if key.split("#")[0] == "clip_score" and isinstance(value, dict) and value.get("threshold") is not None:
+            summary.histograms["clip"].marks.append(
+                (value["threshold"], f"top {value.get('top_fraction', 0):.0%}: {value['threshold']:.3f}"))
+
+
+# -- HTML ----------------------------------------------------------------------------------------
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{padding:.25em .8em;border-bottom:1px solid #ddd;
+text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}.grid{display:flex;flex-wrap:wrap;gap:1em}
+.muted{color:#777}"""
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return f'<td class="n">{v:,}</td>' if isinstance(v, int) else f'<td class="n">{v:,.2f}</td>'
+        return f"<td>{html.escape(str(v))}</td>"
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _pct(n: int, total: int) -> str:
+    return f"{100 * n / total:.1f}%" if total else "-"
+
+
+def render(summary: Summary) -> str:
+    rows, ok = summary.rows, summary.statuses.get(schema.SUCCESS, 0)
+    name = summary.manifest.get("name") or summary.output_dir.name
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>mmcurate report: {html.escape(name)}</title>"
+             f"<style>{STYLE}</style></head><body><h1>mmcurate report: {html.escape(name)}</h1>",
+             f"<p class='muted'>{html.escape(str(summary.output_dir))} · status "
+             f"{html.escape(str(summary.manifest.get('status', 'unknown')))}</p>",
+             "<h2>Totals</h2>",
+             _table(["", "value"], [["input rows", rows], ["samples written", ok], ["success rate", _pct(ok, rows)],
+                                    ["shards", summary.shards], ["tar size (MiB)", summary.tar_bytes / 2 ** 20]]),
+             "<h2>Statuses</h2>",
+             _table(["status", "samples", "share"],
+                    [[s, n, _pct(n, rows)] for s, n in summary.statuses.most_common()])]
+    errors = [(k, n) for k, n in summary.kinds.most_common() if schema.status_of(k) != schema.FILTERED]
+    filtered = [(k, n) for k, n in summary.kinds.most_common() if schema.status_of(k) == schema.FILTERED]
+    parts += ["<h2>Error kinds</h2>",
+              _table(["kind", "status", "samples", "share", "meaning"],
+                     [[k, schema.status_of(k), n, _pct(n, rows), schema.ERROR_KINDS[k][1]] for k, n in errors])
+              if errors else "<p>No errors.</p>",
+              "<h2>Filters</h2>",
+              _table(["filter", "samples removed", "share of input"], [[k, n, _pct(n, rows)] for k, n in filtered])
+              if filtered else "<p>No sample was filtered.</p>"]
+    if summary.timings:
+        parts += ["<h2>Time per stage</h2><p class='muted'>seconds, summed over shards and workers</p>",
+                  _table(["stage", "seconds"], [[k, float(v)] for k, v in summary.timings.most_common()])]
+    parts.append("<h2>Distributions</h2><div class='grid'>")
+    for hist in summary.histograms.values():
+        if hist.total:
+            data = base64.b64encode(hist.png()).decode()
+            parts.append(f"<figure><img alt='{html.escape(hist.title)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption class='muted'>{html.escape(hist.title)}: {hist.total:,} samples"
+                         f"</figcaption></figure>")
+        else:
+            parts.append(f"<p class='muted'>{html.escape(hist.title)}: no values in this output.</p>")
+    parts.append("</div></body></html>\n")
+    return "\n".join(parts)
+
+
+def write_report(output_dir: str | Path, out_path: str | Path | None = None) -> Path:
+    """Write the report (default ``OUTPUT_DIR/report.html``) and return its path."""
+    summary = summarize(output_dir)
+    path = Path(out_path) if out_path else Path(output_dir) / "report.html"
+    path.write_text(render(summary), encoding="utf-8")
+    return path
+
+
+def _report(args: argparse.Namespace) -> int:
+    path = write_report(args.output_dir, args.out)
+    print(path)
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("report", help="write an HTML report (counts, errors, filters, histograms)",
+                              description="Write one self-contained HTML page about a job's output: totals, "
+                              "error kinds, rejections per filter and histograms.")
+    p.add_argument("output_dir")
+    p.add_argument("--out", default=None, help="where to write it (default OUTPUT_DIR/report.html)")
+    p.set_defaults(func=_report)
+

@@ -1,0 +1,212 @@
+"""The visual tokenizer stage: images and clips to discrete ids (VQ) or float16 latents (VAE).
+
+Runs as a pool of actors (``stateful``), one model per actor, on a GPU when there is one. While
+the model codes one batch, worker threads decode and resize the next ones (PIL and PyAV release
+the GIL), so the accelerator does not wait on JPEG decoding. Samples are batched by pixel size
+(aspect buckets give several sizes per shard); a batch that raises is retried sample by sample so
+that one bad sample is marked failed instead of failing the shard.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import numpy as np
+
+from .. import schema
+from ..config import ConfigError
+from ..stage import Batch, Resources, Stage
+from .checkpoint import Checkpoint, resolve_checkpoint, root_config
+from .common import FORMAT_VERSION, npy_bytes, with_id
+from .config import ImageTokenizeConfig
+from .media import read_media
+from .models import MODELS, ModelInfo, VisualModel, detect, weight_filter
+from .policy import ResolutionPolicy, fit, make_policy
+
+log = logging.getLogger("mmcurate")
+NORMALIZE = "rgb/127.5-1"  # every supported tokenizer reads RGB in [-1, 1]
+
+
+@dataclass
+class Prepared:
+    """One sample's pixels as the tokenizer will read them."""
+
+    pixels: np.ndarray   # uint8 (T, H, W, 3); T = 1 for an image
+    label: str           # the policy applied, e.g. "center_crop:256x256" or "bucket:192x320,frames:8"
+
+
+def prepare(files: dict[str, bytes], policy: ResolutionPolicy, frames: int) -> Prepared:
+    """Decode a sample's image or clip and fit every frame to the policy's target size."""
+    images, is_video = read_media(files, frames)
+    width, height = images[0].size  # before any reduced-scale decode, so buckets see the true ratio
+    size, label = policy.target(width, height), policy.label(width, height)
+    pixels = np.stack([np.asarray(fit(im, size), dtype=np.uint8) for im in images])
+    return Prepared(pixels, f"{label},frames:{frames}" if is_video else label)
+
+
+def to_pixels(arrays: list[np.ndarray], device: Any = "cpu"):
+    """uint8 (T, H, W, 3) arrays -> float (B, T, 3, H, W) in [-1, 1] on ``device``; the uint8
+    batch crosses to the GPU (4x fewer bytes) and is normalised there."""
+    import torch
+
+    x = torch.from_numpy(np.stack(arrays))
+    if torch.device(device).type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    return x.permute(0, 1, 4, 2, 3).float().div_(127.5).sub_(1.0)
+
+
+def prefetch(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator[tuple[Any, Future]]:
+    """``fn`` over ``items`` in ``pool``, in order, at most ``window`` items ahead of the consumer."""
+    pending: collections.deque = collections.deque()
+    items = iter(items)
+    for item in items:
+        pending.append((item, pool.submit(fn, item)))
+        if len(pending) >= window:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
+
+
+class VisualTokenizeStage(Stage):
+    name = "tokenize_image"
+    stateful = True
+
+    def __init__(self, config: ImageTokenizeConfig, spec: Any = None):
+        self.config = config
+        self.spec = spec
+        self.checkpoint: Optional[Checkpoint] = None
+        self.info: Optional[ModelInfo] = None
+        self.policy: Optional[ResolutionPolicy] = None
+        self._fingerprint: Optional[dict] = None
+        self._model: Optional[VisualModel] = None
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def __getstate__(self) -> dict:  # actors get the config and fingerprint, never a loaded model
+        return {**self.__dict__, "_model": None, "_pool": None}
+
+    # -- building ----------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Resolve the checkpoint and check the options that depend on it (raises ConfigError)."""
+        if self.info is not None:
+            return
+        c = self.config
+        self.checkpoint = resolve_checkpoint(c.model, c.revision, c.subfolder, weight_filter)
+        info = detect(self.checkpoint.config(), c.model_class)
+        if c.frames % info.temporal_factor:
+            raise ConfigError(f"frames: {c.frames} is not a multiple of the model's temporal factor "
+                              f"{info.temporal_factor}")
+        self.policy = make_policy(c.policy, c.resolution, c.buckets, info.spatial_factor)
+        self.info = info
+
+    @property
+    def on_cuda(self) -> bool:
+        if self.config.device != "auto":
+            return self.config.device == "cuda"
+        import torch
+
+        return torch.cuda.is_available()
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=1, gpus=self.config.num_gpus if self.on_cuda else 0)
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.config.dtype if self.on_cuda else "float32"
+
+    def fingerprint(self) -> dict:
+        if self._fingerprint is None:
+            self.check()
+            info, c = self.info, self.config
+            fp = {
+                "stage": self.name, "format_version": FORMAT_VERSION,
+                "class": info.cls, "kind": info.kind, "output": info.output,
+                "source": c.model, "revision": self.checkpoint.revision, "subfolder": c.subfolder,
+                "weights_sha256": self.checkpoint.weights_sha256(weight_filter(self.checkpoint.config())),
+                "preprocessing": {**self.policy.describe(), "normalize": NORMALIZE,
+                                  "video_frames": c.frames, "frame_sampling": "uniform"},
+                "dtype": self.compute_dtype,
+                "spatial_factor": info.spatial_factor, "temporal_factor": info.temporal_factor,
+            }
+            if info.kind == "vq":
+                fp.update(codebook_size=info.codebook_size, ids_dtype=info.id_dtype)
+            else:
+                fp.update(latents=c.latents, latent_channels=info.latent_channels, latents_dtype="float16",
+                          scaling_factor=info.scaling_factor, shift_factor=info.shift_factor)
+            if c.policy == "center_crop":
+                side = c.resolution // info.spatial_factor
+                fp["grid"] = [side, side]
+            self._fingerprint = with_id(fp)
+        return self._fingerprint
+
+    # -- running -----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        import torch
+
+        self.fingerprint()
+        device = torch.device("cuda" if self.on_cuda else "cpu")
+        self._model = MODELS[self.info.cls](self.info, self.checkpoint, device, self.config.latents)
+        self._pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="tokenize-decode")
+
+    def __call__(self, batch: Batch) -> Batch:
+        if self._model is None:
+            self.setup()
+        c = self.config
+        groups: dict[tuple, list[tuple[int, Prepared]]] = {}
+        rows = schema.alive(batch)
+        window = c.batch_size * c.prefetch_batches
+        decode = lambda i: prepare(batch[schema.FILES][i], self.policy, c.frames)  # noqa: E731
+        for i, future in prefetch(self._pool, decode, rows, window):
+            try:
+                item = future.result()
+            except Exception as e:  # undecodable or missing media: this sample only
+                schema.mark(batch, i, "stage_error", f"{self.name}: {type(e).__name__}: {e}")
+                continue
+            group = groups.setdefault(item.pixels.shape, [])
+            group.append((i, item))
+            if len(group) == c.batch_size:
+                self._encode_group(batch, groups.pop(item.pixels.shape))
+        for group in groups.values():
+            self._encode_group(batch, group)
+        return batch
+
+    def encode(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Code a batch of same-size uint8 (T, H, W, 3) arrays with the loaded model."""
+        import torch
+
+        model = self._model
+        pixels = to_pixels(arrays, model.device)
+        autocast = model.device.type == "cuda" and self.compute_dtype != "float32"
+        with torch.inference_mode(), torch.autocast(model.device.type, dtype=getattr(torch, self.compute_dtype),
+                                                    enabled=autocast):
+            return model.encode(pixels)
+
+    def _encode_group(self, batch: Batch, group: list[tuple[int, Prepared]]) -> None:
+        try:
+            outputs = self.encode([p.pixels for _, p in group])
+        except Exception as e:
+            if len(group) == 1:
+                schema.mark(batch, group[0][0], "stage_error", f"{self.name}: {type(e).__name__}: {e}")
+                return
+            log.warning("%s: a batch of %d failed (%s); retrying sample by sample", self.name, len(group), e)
+            for item in group:
+                self._encode_group(batch, [item])
+            return
+        self._store(batch, group, outputs)
+
+    def _store(self, batch: Batch, group: list[tuple[int, Prepared]], outputs: list[np.ndarray]) -> None:
+        info = self.info
+        rows = [i for i, _ in group]
+        for i, out in zip(rows, outputs):
+            if info.kind == "vq":
+                out = out.astype(info.id_dtype)
+            batch[schema.FILES][i][info.output] = npy_bytes(out)
+        schema.set_column(batch, "image_tokenizer", rows, [self._fingerprint["id"]] * len(rows))
+        schema.set_column(batch, "image_policy", rows, [p.label for _, p in group])
+        schema.set_column(batch, "image_grid", rows, ["x".join(map(str, o.shape)) for o in outputs])
+        if info.kind == "vae":
+            schema.set_column(batch, "vae_scaling_factor", rows, [info.scaling_factor] * len(rows))
+            schema.set_column(batch, "vae_shift_factor", rows, [info.shift_factor] * len(rows))

@@ -1,0 +1,194 @@
+"""The video download stage: fetch each source video once, cut one clip per row, sample frames.
+
+Rows are clips: a URL, a caption and optionally a span (``clip_start`` / ``clip_end`` in seconds,
+absent or None for the whole video). Per shard the stage groups the pending rows by URL, streams
+each video to a temporary file (never whole in memory; several downloads in flight on one event
+loop), cuts all of that video's clips in a thread pool (PyAV and decord release the GIL), then
+deletes the file. A video is on disk only from its download to the end of its cuts, and at most
+``video.concurrency`` of them at once, so disk use is bounded too.
+
+Each successful row gets ``files["mp4"]`` (H.264 MP4), optionally ``files["frames.npy"]`` (uint8
+(T, H, W, 3)), and scalar columns for the parquet table and KEY.json: the span the clip really
+covers (``clip_start``/``clip_end``; failed rows keep the requested span), ``duration``, ``fps``,
+``width``/``height``, ``codec``, ``frame_count``, ``cut`` (remux or reencode), ``source_url`` (after
+redirects), ``source_duration``/``source_fps``/``source_codec`` and ``original_width``/``original_height``.
+``sha256`` is the hash of the clip's MP4 bytes. Failures end as per-row statuses (see
+:mod:`pipeline.schema`); the output bytes depend only on the input, so resumed shards are identical.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import math
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from yarl import URL
+
+from . import schema
+from .fetch import FetchConfig, Fetcher, FetchResult, ForbiddenAddress
+from .stage import Batch, Resources, Stage
+from .video_cut import Clip, CutConfig, MediaError, SourceInfo, Span, cut_clips, npy_bytes
+
+# Columns this stage fills (None where a row failed); created up front so every shard has them.
+VIDEO_COLUMNS = ("clip_start", "clip_end", "duration", "fps", "frame_count", "codec", "cut", "source_url",
+                 "source_duration", "source_fps", "source_codec")
+
+
+class VideoDownloadStage(Stage):
+    name = "download"
+
+    def __init__(self, spec) -> None:
+        self.video = spec.video
+        self.fetch_config = dataclasses.replace(FetchConfig.from_spec(spec.download), media="video",
+                                                concurrency=spec.video.concurrency)
+        self.cut_config = CutConfig.from_spec(spec)
+        self.cpus = spec.execution.cpus_per_task
+        self.ytdlp = None
+        if spec.video.backend == "yt-dlp":
+            from .video_ytdlp import YtdlpOptions, require_ytdlp
+
+            require_ytdlp()  # fail at job start, not in every sample
+            self.ytdlp = YtdlpOptions.from_spec(spec)
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=self.cpus)
+
+    def setup(self) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.cpus, thread_name_prefix="video-cut")
+
+    def __getstate__(self) -> dict:  # thread pools do not travel to Ray workers
+        return {**self.__dict__, "_pool": None}
+
+    def __call__(self, batch: Batch) -> Batch:
+        self.setup()
+        for column in VIDEO_COLUMNS:
+            batch.setdefault(column, [None] * schema.batch_len(batch))
+        groups = group_by_url(batch)
+        if groups:
+            with tempfile.TemporaryDirectory(prefix="mmcurate-video-", dir=self.video.tmp_dir) as tmp:
+                asyncio.run(self._run(batch, groups, Path(tmp)))
+        return batch
+
+    # -- per video -------------------------------------------------------------------------------
+    async def _run(self, batch: Batch, groups: dict[str, list[int]], tmp: Path) -> None:
+        # One slot per video from its download to its last clip: bounds videos on disk.
+        slots = asyncio.Semaphore(self.video.concurrency)
+        async with Fetcher(self.fetch_config) as fetcher:
+
+            async def one(n: int, url: str, rows: list[int]) -> None:
+                async with slots:
+                    workdir = tmp / f"{n:06d}"
+                    workdir.mkdir()
+                    try:
+                        await self._video(fetcher, batch, url, rows, workdir)
+                    finally:
+                        _remove_tree(workdir)
+
+            await asyncio.gather(*(one(n, url, rows) for n, (url, rows) in enumerate(groups.items())))
+
+    async def _video(self, fetcher: Fetcher, batch: Batch, url: str, rows: list[int], workdir: Path) -> None:
+        got = await self._download(fetcher, url, workdir)
+        if not got.ok:
+            for i in rows:
+                schema.mark(batch, i, got.error_kind or "connection", got.error_message or "")
+            return
+        spans = [span_of(batch, i) for i in rows]
+        loop = asyncio.get_running_loop()
+        info, results = await loop.run_in_executor(self._pool, cut_clips, got.path, spans, self.cut_config,
+                                                   workdir)
+        Path(got.path).unlink(missing_ok=True)
+        for i, result in zip(rows, results):
+            record(batch, i, got, info, result)
+
+    async def _download(self, fetcher: Fetcher, url: str, workdir: Path) -> FetchResult:
+        if self.ytdlp is None:
+            return await fetcher.get_to_file(url, str(workdir / "source"))
+        refused = await _vet_host(fetcher, url)
+        if refused is not None:
+            return refused
+        from .video_ytdlp import download
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, download, url, workdir, self.ytdlp)
+
+
+# -- batch helpers -------------------------------------------------------------------------------
+def group_by_url(batch: Batch) -> dict[str, list[int]]:
+    """Pending rows by URL, in first-appearance order (many clips of one video share a download)."""
+    groups: dict[str, list[int]] = {}
+    for i in schema.alive(batch):
+        if batch[schema.STATUS][i] == schema.PENDING:
+            groups.setdefault(batch[schema.URL][i], []).append(i)
+    return groups
+
+
+def span_of(batch: Batch, i: int) -> Span:
+    """Row ``i``'s span in seconds, or None (the whole video) when it has none."""
+    start = _seconds(batch.get(schema.CLIP_START, [None] * (i + 1))[i])
+    end = _seconds(batch.get(schema.CLIP_END, [None] * (i + 1))[i])
+    return None if start is None and end is None else (start, end)
+
+
+def _seconds(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return math.nan  # resolve_span reports it as bad_span
+    return seconds
+
+
+def record(batch: Batch, i: int, got: FetchResult, info: Optional[SourceInfo],
+           result: Union[Clip, MediaError]) -> None:
+    """Write one clip (or its failure) into row ``i``."""
+    batch["source_url"][i] = got.final_url or batch[schema.URL][i]
+    if info is not None:
+        batch[schema.ORIGINAL_WIDTH][i], batch[schema.ORIGINAL_HEIGHT][i] = info.width, info.height
+        batch["source_duration"][i] = None if info.duration is None else round(info.duration, 6)
+        batch["source_fps"][i] = round(float(info.fps), 6)
+        batch["source_codec"][i] = info.codec
+    if isinstance(result, MediaError):
+        schema.mark(batch, i, result.kind, result.message)
+        return
+    batch[schema.FILES][i]["mp4"] = result.data
+    if result.frames is not None:
+        batch[schema.FILES][i]["frames.npy"] = npy_bytes(result.frames)
+    batch[schema.SHA256][i] = hashlib.sha256(result.data).hexdigest()
+    batch[schema.WIDTH][i], batch[schema.HEIGHT][i] = result.width, result.height
+    values = {"clip_start": round(result.start, 6), "clip_end": round(result.end, 6),
+              "duration": round(result.duration, 6), "fps": round(result.fps, 6),
+              "frame_count": result.frame_count, "codec": result.codec, "cut": result.method}
+    for column, value in values.items():
+        batch[column][i] = value
+    batch[schema.STATUS][i] = schema.SUCCESS
+
+
+async def _vet_host(fetcher: Fetcher, url: str) -> Optional[FetchResult]:
+    """The fetcher's address policy, for a URL handed to yt-dlp; None when it may be fetched."""
+    try:
+        host = URL(url).raw_host
+    except (ValueError, UnicodeError) as e:
+        return FetchResult(url=url, error_kind="bad_url", error_message=str(e))
+    if not host:
+        return FetchResult(url=url, error_kind="bad_url", error_message=f"no host in {url[:200]!r}")
+    try:
+        await fetcher.resolver.addresses(host)
+    except ForbiddenAddress as e:
+        return FetchResult(url=url, error_kind="forbidden_address", error_message=str(e))
+    except OSError as e:
+        return FetchResult(url=url, error_kind="dns", error_message=f"cannot resolve {host}: {e}")
+    return None
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

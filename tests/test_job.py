@@ -1,0 +1,181 @@
+"""End to end: a real server on 127.0.0.1, real shards, resume after a real SIGKILL, Ray on two nodes."""
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+import yaml
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.config import ConfigError
+from pipeline.job import run_job
+from pipeline.serve import LocalServer
+from pipeline.spec import load_job
+
+N = 60
+
+
+def jpeg(i: int) -> bytes:
+    rng = random.Random(i)
+    img = Image.new("RGB", (rng.randint(80, 300), rng.randint(80, 300)), (rng.randrange(256), 40, 200))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server():
+    files = {f"{i}.jpg": jpeg(i) for i in range(N) if i % 10 != 3}  # every 10th+3 is a dead link
+    rng = random.Random(0)
+    with LocalServer(files, latency=lambda: rng.uniform(0.005, 0.03)) as srv:
+        yield srv
+
+
+def job_file(tmp_path, server, name="job", **overrides):
+    urls = tmp_path / "urls.parquet"
+    if not urls.exists():
+        pq.write_table(pa.table({"url": [server.url(f"{i}.jpg") for i in range(N)],
+                                 "caption": [f"picture number {i}" for i in range(N)]}), urls)
+    data = {"name": name, "input": {"files": [str(urls)]},
+            "download": {"image_size": 48, "allow_private_addresses": True, "timeout": 5, "concurrency": 4},
+            "output": {"dir": str(tmp_path / name), "samples_per_shard": 8},
+            "execution": {"engine": "local", "progress": False}}
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        data.setdefault(section, {})[field] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def tars(out_dir):
+    return {p.name: p.read_bytes() for p in sorted(out_dir.glob("*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, server):
+    tmp = tmp_path_factory.mktemp("reference")
+    result = run_job(load_job(job_file(tmp, server, "ref")))
+    assert result.ok
+    return tmp / "ref"
+
+
+def test_output_directory_contract(reference):
+    out = reference
+    names = sorted(p.name for p in out.iterdir())
+    assert names[:3] == ["00000.parquet", "00000.tar", "00000_stats.json"]
+    assert {"index.json", "manifest.json"} <= set(names)
+    assert len(list(out.glob("*.tar"))) == 8  # 60 rows / 8 per shard
+    table = pq.read_table(out / "00000.parquet").to_pydict()
+    for col in ("key", "url", "caption", "status", "error_message", "width", "height",
+                "original_width", "original_height", "sha256"):
+        assert col in table
+    assert table["status"][3] == "failed_to_download" and table["error_kind"][3] == "http_status"
+    assert "404" in table["error_message"][3]
+    stats = json.loads((out / "00000_stats.json").read_text())
+    assert stats["count"] == 8 and stats["successes"] == 7 and stats["error_kinds"] == {"http_status": 1}
+    index = json.loads((out / "index.json").read_text())
+    assert index["__kind__"] == "wids-shard-index-v1"
+    assert [s["nsamples"] for s in index["shardlist"]] == [7, 7, 7, 8, 7, 7, 7, 4]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["totals"]["successes"] == 54
+    assert manifest["job"]["download"]["image_size"] == 48
+
+
+def test_shards_read_back_with_webdataset(reference):
+    shards = [str(p) for p in sorted(reference.glob("*.tar"))]
+    samples = list(wds.WebDataset(shards, shardshuffle=False).decode("pil"))
+    assert len(samples) == 54
+    keys = [s["__key__"] for s in samples]
+    assert keys == sorted(keys) and all(k.isdigit() for k in keys)
+    first = samples[0]
+    assert first["jpg"].size == (48, 48)
+    assert first["txt"] == "picture number 0"
+    assert first["json"]["status"] == "success" and first["json"]["original_width"] > 0
+    assert first["json"]["key"] == first["__key__"]
+
+
+def test_rerun_skips_complete_shards(tmp_path, server):
+    path = job_file(tmp_path, server)
+    run_job(load_job(path))
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "job").glob("*.tar")}
+    (tmp_path / "job" / "00002_stats.json").unlink()  # as if the job died before finishing shard 2
+    result = run_job(load_job(path))
+    assert (result.shards_total, result.shards_skipped, result.shards_written) == (8, 7, 1)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "job").glob("*.tar")}
+    assert {k for k in before if before[k] != after[k]} == {"00002.tar"}
+
+
+def test_resume_with_changed_outputs_is_refused(tmp_path, server):
+    path = job_file(tmp_path, server)
+    run_job(load_job(path))
+    with pytest.raises(ConfigError, match="different download"):
+        run_job(load_job(path, ["download.image_size=64"]))
+    run_job(load_job(path, ["execution.progress=true"]))  # execution settings may change
+
+
+def test_cli_run_and_inspect(tmp_path, server, capsys):
+    path = job_file(tmp_path, server)
+    assert main(["run", str(path), "--no-progress"]) == 0
+    assert "54 / 60 samples in tars" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "job"), "-n", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["successes"] == 54 and len(summary["examples"]) == 2
+    assert main(["run", str(path), "--set", "download.bogus=1"]) == 2
+    assert "download.bogus: unknown key" in capsys.readouterr().err
+
+
+def valid_tar(data: bytes) -> bool:
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as t:
+            t.getmembers()
+        return True
+    except tarfile.TarError:
+        return False
+
+
+def test_sigkill_at_any_moment_then_rerun_gives_identical_shards(tmp_path, server, reference):
+    path = job_file(tmp_path, server, "killed", download__concurrency=2)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pipeline", "run", str(path), "--no-progress"]
+    rng = random.Random(1)
+    kills = 0
+    for attempt in range(6):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(1.0, 3.5))
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stderr.read().decode()
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        # whatever is under a final name is complete and already identical to the reference
+        for name, data in tars(out).items():
+            assert data == tars(reference)[name], f"{name} differs after a kill"
+    assert kills >= 1, "the job finished before it could be killed; slow it down"
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    assert tars(out) == tars(reference)
+    assert not list(out.glob(".*.tmp"))
+    ref_tables = [pq.read_table(p).drop(["error_message"]) for p in sorted(reference.glob("*.parquet"))]
+    got_tables = [pq.read_table(p).drop(["error_message"]) for p in sorted(out.glob("*.parquet"))]
+    assert [t.to_pydict() for t in got_tables] == [t.to_pydict() for t in ref_tables]
+
+
+def test_ray_on_a_two_node_cluster_writes_the_same_shards(tmp_path, server, reference, ray_cluster):
+    import ray
+
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    path = job_file(tmp_path, server, "onray", execution__engine="ray", execution__address=ray_cluster.address)
+    result = run_job(load_job(path))
+    assert result.ok and result.shards_written == 8
+    assert tars(tmp_path / "onray") == tars(reference)

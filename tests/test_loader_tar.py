@@ -1,0 +1,160 @@
+"""The loader's tar layer, and the helper the loader tests use to build real output directories.
+
+``write_output`` writes shards with the project's own writer (pipeline.writer), so the loader,
+webdataset, Hugging Face datasets and Ray all read exactly what a job writes.
+"""
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import schema, writer
+from pipeline.loader import TarFormatError, _samples, _TarReader, split_name
+
+
+def jpeg_bytes(seed: int, size: tuple[int, int] = (24, 16)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def _row_files(shard: int, i: int, image: bool, npy: bool) -> dict[str, bytes]:
+    files = {}
+    if image:
+        files["jpg"] = jpeg_bytes(shard * 10_000 + i)
+    if npy:
+        files["text_ids.npy"] = npy_bytes(np.arange(shard * 100 + i, shard * 100 + i + 7, dtype=np.int32))
+        files["clip.npy"] = npy_bytes(np.full((2, 3), i / 10, dtype=np.float16))
+    return files
+
+
+def write_output(out_dir: Path, shard_sizes: Sequence[int], *, image: bool = True, npy: bool = True,
+                 failed_every: Optional[int] = 3, samples_per_shard: int = 1000) -> dict[str, dict[str, bytes]]:
+    """Write shards of ``shard_sizes`` successful samples (plus failed rows, which only reach the
+    parquet) and index.json; returns ``{key: {ext: bytes}}`` of every member that is in a tar."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, dict[str, bytes]] = {}
+    for shard, n in enumerate(shard_sizes):
+        rows = []
+        for i in range(n + (n // failed_every if failed_every else 0)):
+            ok = not failed_every or (i + 1) % (failed_every + 1) != 0
+            rows.append((i, ok))
+        batch = {c: [None] * len(rows) for c in schema.STATUS_COLUMNS}
+        batch[schema.FILES] = [{} for _ in rows]
+        for r, (i, ok) in enumerate(rows):
+            key = schema.make_key(shard, i, samples_per_shard)
+            batch[schema.KEY][r] = key
+            batch[schema.URL][r] = f"http://example.com/{key}.jpg"
+            batch[schema.CAPTION][r] = f"caption {key} ünïcode"
+            batch[schema.STATUS][r] = schema.PENDING if ok else schema.FAILED_TO_DOWNLOAD
+            if ok:
+                batch[schema.FILES][r] = _row_files(shard, i, image, npy)
+            else:
+                batch[schema.ERROR_KIND][r] = "http_status"
+                batch[schema.ERROR_MESSAGE][r] = "404"
+        writer.write_shard(out_dir, shard, batch)
+        with tarfile.open(out_dir / f"{writer.shard_name(shard)}.tar") as tar:
+            for member in tar.getmembers():
+                key, ext = split_name(member.name)
+                expected.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    writer.write_index(out_dir, "loader-test")
+    return expected
+
+
+def read_all(path: Path, lo: int = 0, hi: Optional[int] = None, want=None) -> list:
+    with open(path, "rb", buffering=0) as f:
+        return list(_samples(_TarReader(f, block=4096), lo, hi, want))
+
+
+def test_samples_match_tarfile(tmp_path):
+    expected = write_output(tmp_path, [5, 0, 3])
+    got = {}
+    for shard in ("00000", "00001", "00002"):
+        for key, files in read_all(tmp_path / f"{shard}.tar"):
+            got[key] = {ext: data for ext, (_, data) in files.items()}
+    assert got == expected
+    assert len(got) == 8
+
+
+def test_range_and_field_selection(tmp_path):
+    expected = write_output(tmp_path, [6])
+    samples = read_all(tmp_path / "00000.tar", 2, 4, {"txt": "caption", "clip.npy": "clip"})
+    keys = sorted(expected)[2:4]
+    assert [k for k, _ in samples] == keys
+    for key, files in samples:
+        assert files == {"caption": ("txt", expected[key]["txt"]), "clip": ("clip.npy", expected[key]["clip.npy"])}
+
+
+class _CountingFile(io.FileIO):
+    """Counts the bytes actually read, to check that unwanted members are seeked over."""
+
+    read_bytes = 0
+
+    def readinto(self, b):
+        n = super().readinto(b)
+        _CountingFile.read_bytes += n or 0
+        return n
+
+    def read(self, size=-1):
+        data = super().read(size)
+        _CountingFile.read_bytes += len(data)
+        return data
+
+
+def test_large_unwanted_members_are_not_read(tmp_path):
+    big = b"\x01" * 300_000
+    path = tmp_path / "big.tar"
+    path.write_bytes(writer.tar_bytes([(f"{k:09d}.{ext}", data) for k in range(4)
+                                      for ext, data in (("mp4", big), ("txt", b"hello"))]))
+    _CountingFile.read_bytes = 0
+    with _CountingFile(path, "rb") as f:
+        samples = list(_samples(_TarReader(f, block=65536), 0, None, {"txt": "txt"}))
+    assert [files["txt"][1] for _, files in samples] == [b"hello"] * 4
+    assert _CountingFile.read_bytes < 4 * 65536 + 4096  # four header blocks, not 1.2 MB of video
+
+
+def test_pax_and_gnu_long_names(tmp_path):
+    long_key = "d/" + "k" * 120
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        path = tmp_path / f"{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for key in ("a", long_key):
+                for ext, data in (("txt", key.encode()), ("cls", b"7")):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime = len(data), 1.5  # float mtime: a pax header per member
+                    tar.addfile(info, io.BytesIO(data))
+        got = read_all(path)
+        assert [k for k, _ in got] == ["a", long_key]
+        assert got[1][1]["txt"] == ("txt", long_key.encode())
+
+
+@pytest.mark.parametrize("damage", ["truncate_data", "truncate_header", "garbage_header"])
+def test_corrupt_tars_raise_format_errors(tmp_path, damage):
+    write_output(tmp_path, [4], failed_every=None)
+    data = (tmp_path / "00000.tar").read_bytes()
+    second = data.index(b"000000001.jpg") // 512 * 512  # the second sample's first header
+    bad = {"truncate_data": data[:second + 512 + 100],  # inside the second jpg
+           "truncate_header": data[:second + 200],
+           "garbage_header": data[:second] + b"\x07" * 512 + data[second + 512:]}[damage]
+    (tmp_path / "bad.tar").write_bytes(bad)
+    with pytest.raises(TarFormatError):
+        read_all(tmp_path / "bad.tar")
+
+
+def test_split_name_follows_webdataset():
+    assert split_name("000010002.clip.npy") == ("000010002", "clip.npy")
+    assert split_name("dir.v1/abc.tar.gz") == ("dir.v1/abc", "tar.gz")
+    assert split_name("noext") == ("noext", "")
