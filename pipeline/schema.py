@@ -30,6 +30,9 @@ POSITION = "position"
 
 STATUS_COLUMNS = (KEY, URL, CAPTION, STATUS, ERROR_KIND, ERROR_MESSAGE, WIDTH, HEIGHT,
                   ORIGINAL_WIDTH, ORIGINAL_HEIGHT, SHA256)
+# Arrow type of each status column in NNNNN.parquet, fixed so that every shard's table has one schema.
+STATUS_TYPES = {c: ("int32" if c in (WIDTH, HEIGHT, ORIGINAL_WIDTH, ORIGINAL_HEIGHT) else "string")
+                for c in STATUS_COLUMNS}
 
 # -- status values (img2dataset-compatible where they overlap) -----------------------------------
 SUCCESS = "success"

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -54,6 +55,7 @@ class DownloadSpec:
     user_agent: str = "mmcurate/0.1 (+https://github.com/mmcurate/mmcurate)"
     respect_optouts: bool = True       # X-Robots-Tag noai / noimageai / noindex / noimageindex
     allow_private_addresses: bool = False
+    allowed_networks: list[str] = field(default_factory=list)  # CIDRs let through anyway (e.g. an internal mirror)
 
     def validate(self) -> None:
         for name in ("image_size", "concurrency", "per_host_limit", "max_pixels", "max_bytes"):
@@ -65,6 +67,11 @@ class DownloadSpec:
             raise ConfigError(f"timeout: must be > 0, got {self.timeout}")
         if self.retries < 0:
             raise ConfigError(f"retries: must be >= 0, got {self.retries}")
+        for net in self.allowed_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"allowed_networks: not a network (CIDR), got {net!r}") from None
 
 
 X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",

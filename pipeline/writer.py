@@ -108,7 +108,7 @@ def status_table(batch: dict[str, list]) -> pa.Table:
     for c in cols:
         values = [_plain(v) for v in batch[c]]
         try:
-            arrays[c] = pa.array(values)
+            arrays[c] = pa.array(values, type=schema.STATUS_TYPES.get(c))
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: keep them readable as text
             arrays[c] = pa.array([None if v is None else json.dumps(v) if not isinstance(v, str) else v
                                   for v in values], type=pa.string())

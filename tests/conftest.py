@@ -6,9 +6,6 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Ray rewrites "127.0.0.1:port" to the host's own network IP when joining a cluster, unless it
-# believes multi-host clusters are off; keep every connection of the test cluster on loopback.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -22,6 +19,10 @@ def ray_cluster():
     """
     import ray
     from ray.cluster_utils import Cluster
+
+    from pipeline.executor import pin_ray_to_loopback
+
+    pin_ray_to_loopback()
 
     node = {"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False,
             "object_store_memory": 300 * 1024 * 1024}

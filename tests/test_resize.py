@@ -101,14 +101,27 @@ def test_geometry_rounds_half_to_even_like_albumentations():
     assert g.resized == (256, 150) and g.canvas == (256, 256) and g.offset == (0, 53)
 
 
-def test_border_pads_white_centred():
-    src = Image.new("RGB", (400, 200), (200, 0, 0))
+def test_border_pads_white_floor_half_before():
+    """400x201 -> 256x129: 127 rows of padding, 63 above (floor) and 64 below, as albumentations."""
+    src = Image.new("RGB", (400, 201), (200, 0, 0))
     r = resize_image(encode(src), ResizeConfig(resize_mode="border", image_size=256, encode_format="png"))
     out = decode(r.data).convert("RGB")
     assert out.size == (256, 256)
-    assert out.getpixel((128, 10)) == (255, 255, 255) and out.getpixel((128, 250)) == (255, 255, 255)
-    assert out.getpixel((128, 128)) == (200, 0, 0)
-    assert out.getpixel((128, 63)) == (255, 255, 255) and out.getpixel((128, 64)) == (200, 0, 0)
+    column = [out.getpixel((128, y)) for y in range(256)]
+    assert column[:63] == [(255, 255, 255)] * 63 and column[192:] == [(255, 255, 255)] * 64
+    assert column[63:192] == [(200, 0, 0)] * 129
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_center_crop_offset_is_floor_of_half(scale):
+    """301x256 (or 602x512 halved) -> 256: 45 extra columns, the crop starts at column 22."""
+    src = Image.new("RGB", (301 * scale, 256 * scale), (128, 128, 128))
+    for column, colour in ((21, (0, 255, 0)), (22, (255, 0, 0)), (277, (0, 0, 255)), (278, (0, 255, 0))):
+        src.paste(colour, (column * scale, 0, (column + 1) * scale, 256 * scale))  # green: cut off
+    r = resize_image(encode(src), ResizeConfig(resize_mode="center_crop", image_size=256, encode_format="png"))
+    out = decode(r.data)
+    assert out.getpixel((0, 100)) == (255, 0, 0)
+    assert out.getpixel((255, 100)) == (0, 0, 255)
 
 
 # -- orientation, modes and formats ----------------------------------------------------------------
