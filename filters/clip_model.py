@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 RANDOM_WEIGHTS = "random"
+_REGISTERED: set[Path] = set()  # config files already given to open_clip (each add rescans all configs)
 
 
 @dataclass
@@ -48,7 +49,9 @@ def register_model(model: str) -> tuple[str, dict[str, Any]]:
     if not is_config_path(model):
         return model, {}
     path = Path(model).resolve()
-    open_clip.add_model_config(path)
+    if path not in _REGISTERED:
+        open_clip.add_model_config(path)
+        _REGISTERED.add(path)
     name = path.stem
     cfg = open_clip.get_model_config(name) or {}
     kwargs = dict(cfg.get("text_cfg", {}).get("tokenizer_kwargs") or {})

@@ -40,7 +40,7 @@ class ClipScoreOptions:
     pretrained: Optional[str] = None    # open_clip tag, checkpoint path, or "random" (benchmarks only)
     min: Optional[float] = None
     top_fraction: Optional[float] = None
-    sample_size: int = 5000             # rows scored up front to set the top_fraction threshold
+    sample_size: int = 2000             # rows scored up front (in the driver) for the top_fraction cut
     batch_size: int = 256
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_gpus: float = 1.0               # per actor, when on a GPU (fractions pack several per GPU)

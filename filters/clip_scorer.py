@@ -40,6 +40,7 @@ class PilDecoder:
         self.preprocess = clip.preprocess
         self.size = clip.image_size
         self.draft = draft
+        self.pin = clip.device.type == "cuda"  # page-locked memory: the copy to the GPU is asynchronous
 
     def one(self, data: bytes) -> torch.Tensor:
         im = Image.open(io.BytesIO(data))
@@ -59,7 +60,7 @@ class PilDecoder:
                 except Exception as e:  # noqa: BLE001 - a bad image fails only itself
                     errors[k] = f"{type(e).__name__}: {e}"
             pixels = torch.stack(tensors) if tensors else torch.empty(0)
-            return pixels, ok, errors
+            return (pixels.pin_memory() if self.pin and tensors else pixels), ok, errors
         return result
 
 

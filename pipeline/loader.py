@@ -295,7 +295,7 @@ def rank_draws(draws: Sequence[int], world_size: int, drop_remainder: bool) -> l
             out.append([n // world_size] * world_size)
         else:
             out.append(split_evenly(n, world_size, offset))
-            offset = (offset + n % world_size) % world_size
+            offset = 0
     return out
 
 
@@ -530,7 +530,7 @@ def decode_npy_batch(datas: Sequence[bytes]) -> Union[np.ndarray, list[np.ndarra
     if not same or len(first) != start + math.prod(shape) * dtype.itemsize:
         return [decode_npy(d) for d in datas]
     rows = np.frombuffer(b"".join(datas), np.uint8).reshape(len(datas), len(first))[:, start:]
-    return np.ascontiguousarray(rows).view(dtype).reshape((len(datas), *shape))
+    return rows.copy().view(dtype).reshape((len(datas), *shape))  # copy: contiguous and writable
 
 
 @dataclass(frozen=True)
@@ -636,8 +636,10 @@ def _stack_or_list(values: list) -> Any:
 
 
 def collate(samples: Sequence[dict]) -> dict:
-    """Batch decoded samples: tensors of one shape are stacked, everything else becomes a list."""
-    return {k: _stack_or_list([s[k] for s in samples]) for k in samples[0]}
+    """Batch decoded samples: tensors of one shape are stacked, everything else becomes a list
+    (with None where a sample lacks the field: without ``fields``, samples may differ)."""
+    names = dict.fromkeys(k for s in samples for k in s)
+    return {k: _stack_or_list([s.get(k) for s in samples]) for k in names}
 
 
 # -- the dataset -----------------------------------------------------------------------------------
@@ -808,15 +810,13 @@ class ShardDataset(IterableDataset):
     def _begin(self, num_workers: int) -> None:
         """Before a pass: check the worker count matches the progress, and move to the next epoch
         when this one is complete (so a loop without set_epoch still sees fresh epochs)."""
-        if not self._consumed:
-            self._num_workers = num_workers
-            return
-        if self._num_workers != num_workers:
+        if self._consumed and self._num_workers not in (None, num_workers):  # None: recorded by hand
             raise ValueError(f"this epoch was started with {self._num_workers} workers; resume it with the "
                              f"same number (got {num_workers}), or start the next epoch with set_epoch")
-        if all(self._consumed.get(w, 0) >= self.plan(w, num_workers).steps for w in range(num_workers)):
+        self._num_workers = num_workers
+        if self._consumed and all(self._consumed.get(w, 0) >= self.plan(w, num_workers).steps
+                                  for w in range(num_workers)):
             self.set_epoch(self.epoch + 1)
-            self._num_workers = num_workers
 
     def record(self, item: Mapping) -> None:
         """Note that a sample or batch from this dataset was delivered (the Loader calls this)."""

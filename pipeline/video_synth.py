@@ -8,6 +8,7 @@ tests can check exactly which source frames a cut clip or a frame sample contain
 """
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
 from pathlib import Path
 from typing import Optional
@@ -21,10 +22,10 @@ COUNTER_BITS = 16  # the top two rows of the grid
 def counter_frame(index: int, width: int = 128, height: int = 96) -> np.ndarray:
     """An RGB frame (H, W, 3) uint8 showing ``index`` in its counter cells."""
     frame = np.empty((height, width, 3), np.uint8)
-    ys, xs = np.mgrid[0:height, 0:width]
+    diag, anti = _diagonals(width, height)
     # Moving diagonal stripes with a colour drift: cheap, but real motion for the encoder.
-    frame[..., 0] = ((xs + ys + 3 * index) * 4) % 256
-    frame[..., 1] = ((xs - ys + 5 * index) * 2) % 256
+    frame[..., 0] = diag + np.uint8((12 * index) % 256)  # uint8 arithmetic wraps: modulo 256
+    frame[..., 1] = anti + np.uint8((10 * index) % 256)
     frame[..., 2] = (index * 7) % 256
     cell_w, cell_h = width / GRID_COLS, height / GRID_ROWS
     for bit in range(COUNTER_BITS):
@@ -33,6 +34,12 @@ def counter_frame(index: int, width: int = 128, height: int = 96) -> np.ndarray:
         x0, x1 = round(col * cell_w), round((col + 1) * cell_w)
         frame[y0:y1, x0:x1] = 235 if (index >> bit) & 1 else 16
     return frame
+
+
+@functools.lru_cache(maxsize=8)
+def _diagonals(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    ys, xs = np.mgrid[0:height, 0:width]
+    return ((xs + ys) * 4 % 256).astype(np.uint8), ((xs - ys) * 2 % 256).astype(np.uint8)
 
 
 def read_counter(frame: np.ndarray) -> int:

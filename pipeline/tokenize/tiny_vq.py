@@ -152,7 +152,7 @@ class Trainer:
         return loss.item()
 
 
-def train(out: Path, config: TrainConfig, log=print) -> dict:
+def train(out: Path, config: TrainConfig, log=lambda msg: print(msg, flush=True)) -> dict:
     from transformers import Emu3VQVAE, Emu3VQVAEConfig
 
     torch.manual_seed(config.seed)

@@ -147,6 +147,9 @@ def run_img2dataset(data: bytes, config: dict):
 
 
 def main() -> None:
+    import os
+
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks online on import
     import img2dataset  # noqa: F401 - fail early outside .benchvenv
     from importlib.metadata import version
 

@@ -1,0 +1,87 @@
+"""Helpers shared by the tokenizer tests (no tests here): batches and tiny random checkpoints
+saved with ``save_pretrained``, so every model is loaded by path like a user's."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline import schema
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_VQ = REPO / "models" / "tiny-vq"
+torch.set_num_threads(2)
+
+
+def make_batch(files: list[dict], captions: list = None) -> dict:
+    n = len(files)
+    batch = {c: [None] * n for c in schema.STATUS_COLUMNS}
+    batch[schema.KEY] = [f"00000{i:04d}" for i in range(n)]
+    batch[schema.STATUS] = [schema.SUCCESS] * n
+    batch[schema.CAPTION] = list(captions) if captions is not None else [f"caption {i}" for i in range(n)]
+    batch[schema.FILES] = [dict(f) for f in files]
+    return batch
+
+
+def encode_image(image: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def random_image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def save_tiny_emu3(path: Path, temporal: int = 1, seed: int = 0, codebook: int = 64) -> Path:
+    from transformers import Emu3VQVAE, Emu3VQVAEConfig
+
+    torch.manual_seed(seed)
+    Emu3VQVAE(Emu3VQVAEConfig(**emu3_vq_config(temporal, codebook))).save_pretrained(path)
+    return path
+
+
+def emu3_vq_config(temporal: int = 1, codebook: int = 64) -> dict:
+    return dict(codebook_size=codebook, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
+                num_res_blocks=1, attn_resolutions=[], hidden_size=32, temporal_downsample_factor=temporal)
+
+
+def save_tiny_emu3_full(path: Path, seed: int = 0):
+    """A whole (tiny) Emu3ForConditionalGeneration: the VQ is one part of the checkpoint."""
+    from transformers import Emu3Config, Emu3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = Emu3Config(vq_config=emu3_vq_config(), text_config=text,
+                        vocabulary_map={f"<|visual token {i:06d}|>": 64 + i for i in range(64)})
+    model = Emu3ForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def save_tiny_chameleon(path: Path, seed: int = 0) -> Path:
+    from transformers import ChameleonVQVAE, ChameleonVQVAEConfig
+
+    torch.manual_seed(seed)
+    config = ChameleonVQVAEConfig(embed_dim=4, num_embeddings=300, latent_channels=4, base_channels=32,
+                                  channel_multiplier=[1, 2], num_res_blocks=1, resolution=32, attn_resolutions=[])
+    model = ChameleonVQVAE(config)
+    torch.nn.init.normal_(model.quantize.embedding.weight)  # spread codes out: more than one id in use
+    model.save_pretrained(path)
+    return path
+
+
+def save_tiny_vae(path: Path, seed: int = 0, scaling_factor: float = 0.5) -> Path:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=32, sample_size=32,
+                  scaling_factor=scaling_factor).save_pretrained(path)
+    return path
