@@ -136,6 +136,7 @@ def write_shard(out_dir: str | Path, shard_id: int, batch: dict[str, list],
     Rows still ``pending`` (no stage failed them) are the successes of this job.
     """
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     batch[schema.STATUS] = [schema.SUCCESS if s == schema.PENDING else s for s in batch[schema.STATUS]]
     cols = scalar_columns(batch)
     members = [m for i, s in enumerate(batch[schema.STATUS]) if s == schema.SUCCESS
