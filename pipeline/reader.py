@@ -165,10 +165,13 @@ def iter_input_chunks(spec) -> Iterator[dict[str, list]]:
         return
     wanted = [inp.url_col] + ([inp.caption_col] if inp.caption_col else []) + list(inp.save_additional_columns)
     for path in files:
-        for chunk in iter_records(path, inp.format, columns=wanted):
-            if inp.url_col not in chunk and "_invalid" not in chunk:
-                raise ConfigError(f"input.url_col: column {inp.url_col!r} is not in {path} "
-                                  f"(columns: {', '.join(chunk)})")
+        fmt = inp.format or detect_format(path)
+        for chunk in iter_records(path, fmt, columns=wanted):
+            for key, col in (("url_col", inp.url_col), ("caption_col", inp.caption_col)):
+                if col and col not in chunk and "_invalid" not in chunk and (key == "url_col" or fmt != "txt"):
+                    hint = "; set input.caption_col: null for files without captions" if key == "caption_col" else ""
+                    raise ConfigError(f"input.{key}: column {col!r} is not in {path} "
+                                      f"(columns: {', '.join(chunk)}){hint}")
             n = len(next(iter(chunk.values())))
             out = {schema.URL: chunk.get(inp.url_col, [None] * n),
                    schema.CAPTION: chunk.get(inp.caption_col, [None] * n) if inp.caption_col else [None] * n}

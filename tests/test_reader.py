@@ -80,10 +80,14 @@ def test_bad_json_lines_do_not_stop_the_shard(tmp_path):
     assert shard.batch["url"][4] == "http://a.test/4.jpg"
 
 
-def test_missing_url_column_is_a_clear_error(tmp_path):
+def test_missing_columns_are_clear_errors(tmp_path):
     pq.write_table(pa.table({"URL": URLS}), tmp_path / "a.parquet")
     with pytest.raises(ValueError, match="input.url_col: column 'url' is not in"):
         list(plan_shards(spec_for(tmp_path, [tmp_path / "a.parquet"])))
+    pq.write_table(pa.table({"url": URLS}), tmp_path / "b.parquet")
+    with pytest.raises(ValueError, match="set input.caption_col: null"):
+        list(plan_shards(spec_for(tmp_path, [tmp_path / "b.parquet"])))
+    assert len(list(plan_shards(spec_for(tmp_path, [tmp_path / "b.parquet"], caption_col=None)))) == 3
 
 
 def test_iter_records_streams_in_chunks(tmp_path):
