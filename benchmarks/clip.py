@@ -9,8 +9,8 @@ Both read the same stored WebDataset shards (256 px JPEGs + captions), use the s
 * mmcurate: the shard's samples as a pipeline batch into ``ClipScoreFilter`` (decode threads
   overlapping the model, nvJPEG + bf16 autocast on a GPU).
 
-    python benchmarks/clip.py                      # CPU, ViT-B-32, 256 samples
-    python benchmarks/clip.py --n 20000 --batch-size 512 --device cuda
+    python -m benchmarks.clip                      # CPU, ViT-B-32, 256 samples
+    python -m benchmarks.clip --n 20000 --batch-size 512 --device cuda
 
 Prints samples/s for each, the ratio, and how far apart the two sets of scores are.
 """
@@ -73,7 +73,7 @@ def read_batches(paths: list[str]):
 
 
 def usual(paths: list[str], model_name: str, pretrained: str, device: str, batch_size: int, workers: int,
-          amp: bool) -> tuple[list[float], float]:
+          amp: bool) -> tuple[dict[str, float], float]:
     import open_clip
     import torch
     import webdataset as wds
@@ -84,25 +84,25 @@ def usual(paths: list[str], model_name: str, pretrained: str, device: str, batch
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
     dataset = (wds.WebDataset(paths, shardshuffle=False, empty_check=False).decode("pil")
-               .to_tuple("jpg", "txt").map_tuple(preprocess, lambda t: t))
+               .to_tuple("__key__", "jpg", "txt").map_tuple(lambda k: k, preprocess, lambda t: t))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device == "cuda", persistent_workers=False)
-    scores: list[float] = []
+    scores: dict[str, float] = {}
     start = time.perf_counter()
     with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
-        for images, texts in loader:
+        for keys, images, texts in loader:  # workers interleave shards: keep the keys
             image = model.encode_image(images.to(device, non_blocking=True)).float()
             text = model.encode_text(tokenizer(list(texts)).to(device, non_blocking=True)).float()
             image = image / image.norm(dim=-1, keepdim=True)
             text = text / text.norm(dim=-1, keepdim=True)
-            scores.extend((image * text).sum(-1).tolist())
+            scores.update(zip(keys, (image * text).sum(-1).tolist()))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return scores, time.perf_counter() - start
 
 
 def ours(paths: list[str], model_name: str, pretrained: str, device: str, batch_size: int, threads: int,
-         precision: str, decode: str) -> tuple[list[float], float]:
+         precision: str, decode: str) -> tuple[dict[str, float], float]:
     import torch
 
     from filters import build_filters
@@ -112,10 +112,10 @@ def ours(paths: list[str], model_name: str, pretrained: str, device: str, batch_
         "decode_threads": threads, "precision": precision, "decode": decode}}], None)
     torch.manual_seed(0)
     stage.setup()
-    scores: list[float] = []
+    scores: dict[str, float] = {}
     start = time.perf_counter()
     for batch in read_batches(paths):
-        scores.extend(stage(batch)["clip_score"])
+        scores.update(zip(batch[schema.KEY], stage(batch)["clip_score"]))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return scores, time.perf_counter() - start
@@ -133,33 +133,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (usual approach)")
     p.add_argument("--threads", type=int, default=2, help="decode threads (mmcurate) and torch threads on CPU")
     p.add_argument("--decode", default="auto", choices=["auto", "pil", "torch"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="both sides: auto is bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--shards", default=None, help="reuse / keep the stored shards in this directory")
     a = p.parse_args(argv)
 
+    import logging
+
     import torch
 
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights, on purpose here
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if device == "cpu":
         torch.set_num_threads(a.threads)
-    amp = device == "cuda"  # both sides: bf16 autocast on GPU, fp32 on CPU
+    amp = a.precision == "bf16" or (a.precision == "auto" and device == "cuda")
     shard_dir = Path(a.shards or tempfile.mkdtemp(prefix="mmcurate-clip-bench-"))
     paths = sorted(str(p) for p in shard_dir.glob("*.tar")) or write_shards(
         shard_dir, a.n, a.image_size, a.per_shard or max(a.n // 2, 1))
     n = sum(len(b[schema.KEY]) for b in read_batches(paths))
     jpeg_kb = np.mean([len(f["jpg"]) for b in read_batches(paths[:1]) for f in b[schema.FILES]]) / 1024
     print(f"{n} samples in {len(paths)} shards ({a.image_size} px JPEG, {jpeg_kb:.0f} KiB avg) · {a.model} "
-          f"({a.pretrained} weights) · batch {a.batch_size} · {device}"
+          f"({a.pretrained} weights) · batch {a.batch_size} · {'bf16' if amp else 'fp32'} · {device}"
           f"{' ' + torch.cuda.get_device_name() if device == 'cuda' else f' ({torch.get_num_threads()} threads)'}"
           f" · {os.cpu_count()} CPUs visible", flush=True)
 
     warm = paths[:1]  # first pass pays for imports, worker start-up and allocator warm-up
     usual(warm, a.model, a.pretrained, device, a.batch_size, a.workers, amp)
-    ours(warm, a.model, a.pretrained, device, a.batch_size, a.threads, "auto", a.decode)
+    ours(warm, a.model, a.pretrained, device, a.batch_size, a.threads, a.precision, a.decode)
 
     base_scores, base_s = usual(paths, a.model, a.pretrained, device, a.batch_size, a.workers, amp)
-    our_scores, our_s = ours(paths, a.model, a.pretrained, device, a.batch_size, a.threads, "auto", a.decode)
+    our_scores, our_s = ours(paths, a.model, a.pretrained, device, a.batch_size, a.threads, a.precision, a.decode)
     base_rate, our_rate = len(base_scores) / base_s, len(our_scores) / our_s
-    diff = np.abs(np.asarray(base_scores) - np.asarray(our_scores, dtype=float)).max()
+    assert base_scores.keys() == our_scores.keys()
+    diff = max(abs(base_scores[k] - our_scores[k]) for k in base_scores)
     print(f"usual (webdataset + DataLoader x{a.workers} + open_clip): {base_rate:8.1f} samples/s  ({base_s:.1f}s)")
     print(f"mmcurate clip_score stage:                         {our_rate:8.1f} samples/s  ({our_s:.1f}s)")
     print(f"ratio mmcurate / usual: {our_rate / base_rate:.2f}x   max |score difference|: {diff:.2e}")

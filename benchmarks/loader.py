@@ -19,12 +19,20 @@ For each set, in one run, interleaved ``--repeats`` times with the same workers 
   of processes: the storage limit; samples/s = samples in the files / seconds;
 * ``raw tar``: the same processes iterating every member with the standard library's ``tarfile``
   (stream mode) and reading its bytes: a plain tar loop with no decoding;
-* ``ipc ceiling`` (tokens): DataLoader workers yielding ready-made batches of the same bytes,
-  reading nothing: what torch's worker-to-trainer transport alone allows on this machine.
+* ``ipc ceiling`` (tokens): DataLoader workers sending copies of one of mmcurate's batches (same
+  tensors and metadata, in shared memory), reading nothing: what torch's worker-to-trainer
+  transport alone allows on this machine, i.e. the most any DataLoader-based loader can deliver.
 
 Samples/s are medians over the repeats (each repeat is one full epoch, worker start included).
 """
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Import from the repository root, not from benchmarks/ (Python puts the script's folder first on
+# sys.path, and a benchmark module named like a stdlib one, e.g. tokenize.py, would shadow it).
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
 import io
@@ -32,15 +40,11 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import sys
 import tarfile
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import schema, writer  # noqa: E402
 from pipeline.loader import Loader, ShardDataset  # noqa: E402
@@ -185,20 +189,26 @@ def run_in_processes(fn: Callable[[list[str]], int], out: Path, workers: int) ->
     return total_samples(out)
 
 
-def run_ipc_ceiling(out: Path, workers: int, batch_size: int, sample_bytes: int) -> int:
+def run_ipc_ceiling(out: Path, fields: tuple[str, ...], workers: int, batch_size: int) -> int:
+    """Workers send copies of one real mmcurate batch (same tensors, same metadata, allocated in
+    shared memory the same way) and read nothing: the worker-to-trainer transport alone."""
     import torch
     from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+    from pipeline.loader import batch_tensor
+
     n = total_samples(out)
+    template = next(iter(ShardDataset(str(out), fields=list(fields), batch_size=batch_size)))
 
     class Ready(IterableDataset):
         def __iter__(self):
             info = get_worker_info()
-            template = np.zeros((batch_size, sample_bytes), np.uint8)
             for _ in range(info.id, -(-n // batch_size), info.num_workers):
-                yield torch.from_numpy(template.copy())
+                yield {k: batch_tensor(v.shape, v.dtype).copy_(v) if isinstance(v, torch.Tensor) else list(v)
+                       for k, v in template.items()}
 
-    return sum(len(b) for b in DataLoader(Ready(), batch_size=None, num_workers=workers)) and n
+    loader = DataLoader(Ready(), batch_size=None, num_workers=workers, collate_fn=lambda b: b)
+    return sum(len(b["__key__"]) for b in loader) and n
 
 
 # -- driver ----------------------------------------------------------------------------------------
@@ -235,26 +245,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cold", action="store_true", help="evict the shards from the page cache before every read")
+    p.add_argument("--sets", default="images,tokens", help="which shard sets to run (default images,tokens)")
     args = p.parse_args(argv)
     img_dir, tok_dir = ensure_shards(Path(args.dir), args.images, args.tokens)
-    w, bs = args.workers, args.batch_size
-    print(f"workers={w} batch_size={bs} repeats={args.repeats} cold={args.cold} cpus={os.cpu_count()}")
+    print(f"workers={args.workers} batch_size={args.batch_size} repeats={args.repeats} cold={args.cold} "
+          f"cpus={os.cpu_count()}")
 
+    if "images" in args.sets:
+        run_images(img_dir, args)
+    if "tokens" in args.sets:
+        run_tokens(tok_dir, args)
+    return 0
+
+
+def run_images(img_dir: Path, args: argparse.Namespace) -> None:
+    w, bs = args.workers, args.batch_size
     img = measure({"webdataset": lambda: run_webdataset(img_dir, IMAGE_FIELDS, w, bs),
                    "mmcurate": lambda: run_mmcurate(img_dir, IMAGE_FIELDS, w, bs),
                    "raw read": lambda: run_in_processes(_read_raw, img_dir, w)},
                   args.repeats, shard_files(img_dir), args.cold)
     report(f"images: {total_samples(img_dir)} x 256px JPEG, fields jpg (decoded) + txt", img, "webdataset", "raw read")
 
-    token_bytes = 77 * 4 + 32 * 32 * 2 + 2 * 128  # both arrays with their .npy headers
+
+def run_tokens(tok_dir: Path, args: argparse.Namespace) -> None:
+    w, bs = args.workers, args.batch_size
     tok = measure({"webdataset": lambda: run_webdataset(tok_dir, TOKEN_FIELDS, w, bs),
                    "mmcurate": lambda: run_mmcurate(tok_dir, TOKEN_FIELDS, w, bs),
                    "raw read": lambda: run_in_processes(_read_raw, tok_dir, w),
                    "raw tar": lambda: run_in_processes(_read_tarfile, tok_dir, w),
-                   "ipc ceiling": lambda: run_ipc_ceiling(tok_dir, w, bs, token_bytes)},
+                   "ipc ceiling": lambda: run_ipc_ceiling(tok_dir, TOKEN_FIELDS, w, bs)},
                   args.repeats, shard_files(tok_dir), args.cold)
     report(f"tokens: {total_samples(tok_dir)} x (77 int32 + 32x32 uint16) npy", tok, "webdataset", "raw read")
-    return 0
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands (catalog, report, stream, ...).
-EXTENSIONS: list[str] = ["catalogs.cli", "pipeline.report"]
+EXTENSIONS: list[str] = ["catalogs.cli", "pipeline.report", "pipeline.stream"]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -40,8 +40,8 @@ import os
 import struct
 import warnings
 from dataclasses import dataclass
-from itertools import accumulate
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from itertools import accumulate, chain
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import simplejpeg
@@ -57,6 +57,7 @@ IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif",
 STATE_VERSION = 1
 _JPEG_MAGIC = b"\xff\xd8\xff"
 READ_BLOCK = 1 << 18  # bytes read at once around headers; bigger unwanted members are seeked over
+SCAN_BLOCK = 1 << 22  # bytes read at once for shards of small samples: ~1000 samples per numpy scan
 
 
 class ShardError(RuntimeError):
@@ -140,7 +141,7 @@ def _scan_directory(root: str, storage_options: Optional[dict]) -> Source:
     shards = []
     for url in urls:
         with _open(url, storage_options) as f:
-            shards.append(Shard(url, sum(1 for _ in _samples(_TarReader(f), 0, None, {}))))
+            shards.append(Shard(url, sum(1 for _ in _walk_samples(_TarReader(f), 0, None, {}))))
     return Source(root, tuple(shards))
 
 
@@ -295,7 +296,7 @@ def rank_draws(draws: Sequence[int], world_size: int, drop_remainder: bool) -> l
             out.append([n // world_size] * world_size)
         else:
             out.append(split_evenly(n, world_size, offset))
-            offset = 0
+            offset = (offset + n % world_size) % world_size
     return out
 
 
@@ -336,6 +337,7 @@ class _TarReader:
         self.view = memoryview(self.buf)
         self.start = 0   # file offset of buf[0]
         self.filled = 0  # valid bytes in buf
+        self.eof = False  # buf ends where the file ends
 
     def _fill(self, offset: int) -> None:
         self.f.seek(offset)
@@ -345,7 +347,18 @@ class _TarReader:
             if not got:
                 break
             n += got
-        self.start, self.filled = offset, n
+        self.start, self.filled, self.eof = offset, n, n < len(self.buf)
+
+    def blocks(self, offset: int) -> tuple[np.ndarray, bool]:
+        """The whole 512-byte blocks buffered from ``offset`` as an (n, 512) array, refilled when
+        less than half a buffer is left; the flag says whether the file ends right after them."""
+        rel = offset - self.start
+        if not 0 <= rel <= self.filled or (self.filled - rel < len(self.buf) // 2 and not self.eof):
+            self._fill(offset)
+            rel = 0
+        n, tail = divmod(self.filled - rel, 512)
+        blocks = np.frombuffer(self.buf, np.uint8, count=n * 512, offset=rel).reshape(n, 512)
+        return blocks, self.eof and not tail
 
     def header(self, offset: int) -> Optional[memoryview]:
         """The 512-byte block at ``offset``; None at a clean end of file."""
@@ -417,9 +430,11 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
-def _members(reader: _TarReader) -> Iterator[tuple[str, int, int]]:
-    """``(name, data_offset, size)`` of each regular file; handles ustar, GNU long names and pax."""
-    offset, long_name, pax = 0, None, {}
+def _members(reader: _TarReader, offset: int = 0) -> Iterator[tuple[str, int, int, int]]:
+    """``(name, data_offset, size, header_offset)`` of each regular file from the header at
+    ``offset`` on; handles ustar, GNU long names and pax. ``header_offset`` is where a reader must
+    restart to see the member again (its first extended header, if any)."""
+    long_name, pax, head = None, {}, offset
     while True:
         block = reader.header(offset)
         if block is None or block == _ZERO_BLOCK:  # end of archive (a missing end marker is tolerated)
@@ -446,13 +461,14 @@ def _members(reader: _TarReader) -> Iterator[tuple[str, int, int]]:
                 path = name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 if magic == b"ustar\x00" and prefix[0]:
                     path = prefix.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + path
-            yield path, data, size
-            long_name, pax = None, {}
+            yield path, data, size, head
+            long_name, pax, head = None, {}, offset
         elif typeflag == b"L":
             long_name = reader.read(data, size).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif typeflag == b"x":
             pax = _pax_records(reader.read(data, size))
-        # directories, links, global pax headers ('g') and the like carry no sample data
+        else:  # directories, links, global pax headers ('g') and the like carry no sample data
+            head = offset
 
 
 def split_name(path: str) -> tuple[str, str]:
@@ -462,13 +478,25 @@ def split_name(path: str) -> tuple[str, str]:
     return (path, "") if dot < 0 else (path[:dot], path[dot + 1:])
 
 
-def _samples(reader: _TarReader, lo: int, hi: Optional[int],
-             want: Optional[Mapping[str, str]]) -> Iterator[tuple[str, Optional[dict[str, tuple[str, bytes]]]]]:
+SampleFiles = dict[str, tuple[str, bytes]]
+
+
+def _samples(reader: _TarReader, lo: int, hi: Optional[int], want: Optional[Mapping[str, str]],
+             fast: bool = False) -> Iterator[tuple[str, Optional[SampleFiles]]]:
     """``(key, files)`` for each sample up to index ``hi``; ``files`` maps field -> (ext, bytes)
     for samples from ``lo`` on (None before: those are only walked over). ``want`` maps member
-    extensions to field names; None reads every member under its own extension."""
+    extensions to field names; None reads every member under its own extension. ``fast`` scans
+    buffered headers with numpy (for shards of small samples, where the walk's per-member Python
+    cost dominates; it reads whole blocks, so it is not for shards of big unwanted members)."""
+    if fast and want:
+        return _scan_samples(reader, lo, hi, want)
+    return _walk_samples(reader, lo, hi, want)
+
+
+def _walk_samples(reader: _TarReader, lo: int, hi: Optional[int],
+                  want: Optional[Mapping[str, str]]) -> Iterator[tuple[str, Optional[SampleFiles]]]:
     key, files, index = None, None, -1
-    for path, offset, size in _members(reader):
+    for path, offset, size, _ in _members(reader):
         k, ext = split_name(path)
         if k != key:
             if index >= lo:
@@ -483,6 +511,117 @@ def _samples(reader: _TarReader, lo: int, hi: Optional[int],
                 files[field] = (ext, reader.read(offset, size))
     if key is not None and index >= lo:
         yield key, files
+
+
+def _one_sample(reader: _TarReader, offset: int, want: Mapping[str, str],
+                read: bool) -> Optional[tuple[str, Optional[SampleFiles], Optional[int]]]:
+    """The sample whose first header is at ``offset``: (key, files, next sample's header offset or
+    None at the end); None when the archive ends there."""
+    key, files = None, None
+    for path, data, size, head in _members(reader, offset):
+        k, ext = split_name(path)
+        if key is None:
+            key, files = k, ({} if read else None)
+        elif k != key:
+            return key, files, head
+        if files is not None and ext in want:
+            files[want[ext]] = (ext, reader.read(data, size))
+    return None if key is None else (key, files, None)
+
+
+def _scan_samples(reader: _TarReader, lo: int, hi: Optional[int],
+                  want: Mapping[str, str]) -> Iterator[tuple[str, Optional[SampleFiles]]]:
+    index, offset = -1, 0
+    while offset is not None and (hi is None or index + 1 < hi):
+        scan = _scan(reader, offset, want)
+        if scan is None:  # not the plain layout the scan handles: one sample the careful way
+            one = _one_sample(reader, offset, want, read=index + 1 >= lo)
+            if one is None:
+                return
+            key, files, offset = one
+            index += 1
+            if index >= lo:
+                yield key, files
+            continue
+        keys, fields, offset = scan
+        view, base = reader.view, reader.start  # every scanned member is in the buffer: slice it here
+        for j, key in enumerate(keys):
+            index += 1
+            if hi is not None and index >= hi:
+                return
+            if index >= lo:
+                yield key, {f: (ext, view[offs[j] - base:offs[j] - base + sizes[j]].tobytes())
+                            for f, (ext, offs, sizes) in fields.items() if offs[j] >= 0}
+
+
+_USTAR = np.frombuffer(b"ustar", np.uint8)
+_POW8 = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+_COLUMNS = np.arange(100)
+
+
+def _plain_members(blocks: np.ndarray, at_eof: bool) -> Optional[tuple[np.ndarray, np.ndarray, bool]]:
+    """(header blocks, sizes, archive ends after them) of the leading members that are plain
+    ustar files, complete in ``blocks`` and chained: a block is taken for a header by its magic
+    only if the previous header's size leads exactly to it, so data that merely looks like a
+    header (a tar inside a member) can never be mistaken for one."""
+    n = len(blocks)
+    heads = np.flatnonzero((blocks[:, 257:262] == _USTAR).all(1))
+    if not len(heads) or heads[0] != 0:
+        return None
+    h = blocks[heads]
+    digits = h[:, 124:135].astype(np.int64) - 48
+    sizes = digits @ _POW8
+    nxt = heads + 1 + (sizes + 511) // 512
+    good = ((digits >= 0) & (digits < 8)).all(1) & ((h[:, 135] == 0) | (h[:, 135] == 32))  # 11 octal digits
+    good &= ((h[:, 156] == 48) | (h[:, 156] == 0)) & (h[:, 345] == 0)  # regular file, no name prefix
+    good &= nxt <= n
+    good[1:] &= nxt[:-1] == heads[1:]
+    m = len(good) if good.all() else int(np.argmin(good))
+    if m == 0:
+        return None
+    last = nxt[m - 1]
+    ends = m == len(heads) and ((last < n and not blocks[last].any()) or (last == n and at_eof))
+    return heads[:m], sizes[:m], ends
+
+
+def _scan(reader: _TarReader, offset: int, want: Mapping[str, str]
+          ) -> Optional[tuple[list[str], dict[str, tuple[str, list[int], list[int]]], Optional[int]]]:
+    """The complete samples in the buffered blocks from ``offset``, found with numpy: keys, per
+    field (ext, data offsets, sizes; -1 where absent) and the next sample's header offset (None at
+    the end). None when the members there are not plain (long or dotted paths, pax headers...)."""
+    blocks, at_eof = reader.blocks(offset)
+    found = _plain_members(blocks, at_eof)
+    if found is None:
+        return None
+    heads, sizes, ends = found
+    names = blocks[heads, :100]
+    dot = (names == 46).argmax(1)
+    nul = np.where((names == 0).any(1), (names == 0).argmax(1), 100)
+    plain = (names[np.arange(len(names)), dot] == 46) & (dot < nul) & (nul < 100) & ~(names == 47).any(1)
+    if not plain.all():  # keep the leading plain names; a later scan starts at the first other one
+        heads, sizes, ends = heads[:np.argmin(plain)], sizes[:np.argmin(plain)], False
+        names, dot = names[:len(heads)], dot[:len(heads)]
+    keys = np.where(_COLUMNS < dot[:, None], names, 0)
+    new = np.ones(len(heads), bool)
+    new[1:] = (keys[1:] != keys[:-1]).any(1)
+    starts = np.flatnonzero(new)
+    count = len(starts) if ends else len(starts) - 1  # the last sample may go on past the blocks
+    if count <= 0:
+        return None
+    stop = starts[count] if count < len(starts) else len(heads)
+    sample = np.cumsum(new[:stop]) - 1
+    fields = {}
+    for ext, field in want.items():
+        target = np.frombuffer(ext.encode() + b"\0", np.uint8)
+        cols = np.minimum(dot[:stop, None] + 1 + np.arange(len(target)), 99)
+        hits = np.flatnonzero((np.take_along_axis(names[:stop], cols, 1) == target).all(1))
+        offs, lens = np.full(count, -1, np.int64), np.zeros(count, np.int64)
+        offs[sample[hits]] = offset + (heads[hits] + 1) * 512
+        lens[sample[hits]] = sizes[hits]
+        fields[field] = (ext, offs.tolist(), lens.tolist())
+    key_bytes = np.ascontiguousarray(keys[starts[:count]]).view("S100").ravel().tolist()
+    nxt = None if count == len(starts) else offset + int(heads[stop]) * 512
+    return [k.decode("utf-8", "surrogateescape") for k in key_bytes], fields, nxt
 
 
 # -- decoding --------------------------------------------------------------------------------------
@@ -522,15 +661,31 @@ def decode_npy(data: bytes) -> np.ndarray:
     return arr if dtype.isnative else arr.astype(dtype.newbyteorder("="))
 
 
-def decode_npy_batch(datas: Sequence[bytes]) -> Union[np.ndarray, list[np.ndarray]]:
-    """Stack same-shape arrays in one copy (the common case: token ids of fixed length)."""
+def batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for a batch. In a DataLoader worker it lives in shared memory (as
+    torch's default_collate does it), so handing it to the trainer costs no further copy."""
+    if get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    elem = torch.empty(0, dtype=dtype)
+    storage = elem._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return elem.new(storage).resize_(*shape)
+
+
+def decode_npy_batch(datas: Sequence[bytes]) -> Union[torch.Tensor, list[np.ndarray]]:
+    """Same-shape arrays in one tensor, copied once (the common case: fixed-length token ids);
+    arrays of different shapes or types come back one by one."""
     first = datas[0]
     dtype, shape, fortran, start = _npy_header(first)
-    same = not fortran and dtype.isnative and all(len(d) == len(first) and d[:start] == first[:start] for d in datas)
-    if not same or len(first) != start + math.prod(shape) * dtype.itemsize:
+    size = len(first)
+    if fortran or not dtype.isnative or size != start + math.prod(shape) * dtype.itemsize or len(
+            set(map(len, datas))) != 1:
         return [decode_npy(d) for d in datas]
-    rows = np.frombuffer(b"".join(datas), np.uint8).reshape(len(datas), len(first))[:, start:]
-    return rows.copy().view(dtype).reshape((len(datas), *shape))  # copy: contiguous and writable
+    rows = np.frombuffer(b"".join(datas), np.uint8).reshape(len(datas), size)
+    if not (rows[:, :start] == rows[0, :start]).all():  # same header: same dtype and shape
+        return [decode_npy(d) for d in datas]
+    out = batch_tensor((len(datas), *shape), torch.from_numpy(np.empty(0, dtype)).dtype)
+    out.numpy().reshape(len(datas), -1).view(np.uint8)[:] = rows[:, start:]
+    return out
 
 
 @dataclass(frozen=True)
@@ -619,13 +774,15 @@ def _decode_column(exts: Sequence[str], datas: Sequence[bytes], opts: ImageOptio
     kinds = {_kind(e) for e in exts}
     if kinds == {"npy"}:
         arrays = decode_npy_batch(datas)
-        return torch.from_numpy(arrays) if isinstance(arrays, np.ndarray) else _stack_or_list(
-            [torch.from_numpy(a) for a in arrays])
+        return arrays if isinstance(arrays, torch.Tensor) else _stack_or_list([torch.from_numpy(a) for a in arrays])
     if kinds == {"image"}:
         images = [decode_image(d, opts) for d in datas]
-        if len({a.shape for a in images}) == 1:
-            return _image_tensor(np.stack(images), opts, contiguous=True)
-        return [_image_tensor(a, opts) for a in images]
+        if len({a.shape for a in images}) != 1:
+            return [_image_tensor(a, opts) for a in images]
+        h, w, c = images[0].shape
+        out = batch_tensor((len(images), c, h, w), torch.float32 if opts.dtype == "float32" else torch.uint8)
+        out.copy_(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))  # HWC -> CHW in the one copy
+        return out.div_(255) if opts.dtype == "float32" else out
     return [_decode_value(e, d, opts) for e, d in zip(exts, datas)]
 
 
@@ -855,12 +1012,14 @@ class ShardDataset(IterableDataset):
                 yield sample
 
     def _batches(self, worker: int, num_workers: int) -> Iterator[dict]:
+        """Batches of ``batch_size`` consecutive steps (worker ranges are whole batches); samples
+        skipped as corrupt leave their batch short rather than shift every later batch."""
         pending: list[tuple[int, tuple]] = []
-        plan = self.plan(worker, num_workers)
+        steps, size = self.plan(worker, num_workers).steps, self.batch_size
         for step, raw in self._raw(worker, num_workers):
             if raw is not None:
                 pending.append((step, raw))
-            if (step + 1) % self.batch_size == 0 or step + 1 == plan.steps:
+            if (step + 1) % size == 0 or step + 1 == steps:
                 batch = self._decode_batch(pending, worker) if pending else None
                 pending = []
                 if batch is not None:
@@ -872,7 +1031,10 @@ class ShardDataset(IterableDataset):
         first = self._consumed.get(worker, 0)
         if first >= plan.steps:
             return
-        window = self.shuffle_buffer if self.shuffle else 1
+        if not self.shuffle:
+            yield from enumerate(self._draws(plan, first), start=first)
+            return
+        window = self.shuffle_buffer
         w0 = first // window
         stream = self._draws(plan, w0 * window)
         for w in range(w0, -(-plan.steps // window)):
@@ -881,25 +1043,19 @@ class ShardDataset(IterableDataset):
             for k in range(first - w * window if w == w0 else 0, len(items)):
                 yield w * window + k, items[order[k]]
 
-    def _window_order(self, window: int, worker: int, n: int) -> Sequence[int]:
-        if not self.shuffle:
-            return range(n)
+    def _window_order(self, window: int, worker: int, n: int) -> list[int]:
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, window, 0xB0F])
         return rng.permutation(n).tolist()
 
     def _draws(self, plan: Plan, skip: int) -> Iterator[Optional[tuple]]:
         """The raw samples of the plan's draws from step ``skip`` on, in merged-stream order."""
         segments = plan.segments(self.sources, self.seed, self.shuffle, skip)
-        readers = [self._read_segments(s) for s in segments]
+        readers = [chain.from_iterable(map(self._read_shard, s)) for s in segments]
         if len(readers) == 1:
             yield from readers[0]
             return
         for i in mix_order(plan.counts, plan.begin + skip, plan.end):
             yield next(readers[i])
-
-    def _read_segments(self, segments: Iterable[Segment]) -> Iterator[Optional[tuple]]:
-        for seg in segments:
-            yield from self._read_shard(seg)
 
     def _read_shard(self, seg: Segment) -> Iterator[Optional[tuple]]:
         """Exactly ``seg.stop - seg.start`` items: ``(key, url, files)``, or None where a sample
@@ -907,8 +1063,10 @@ class ShardDataset(IterableDataset):
         shard = self.sources[seg.source].shards[seg.shard]
         done = 0
         try:
+            fast = _small_samples(shard)
             with _open(shard.url, self.storage_options) as f:
-                for key, files in _samples(_TarReader(f), seg.start, seg.stop, self.want):
+                reader = _TarReader(f, SCAN_BLOCK if fast else READ_BLOCK)
+                for key, files in _samples(reader, seg.start, seg.stop, self.want, fast):
                     done += 1
                     yield self._check_fields(key, shard.url, files)
             if done < seg.stop - seg.start:
@@ -948,7 +1106,8 @@ class ShardDataset(IterableDataset):
 
     def _decode_batch(self, pending: list[tuple[int, tuple]], worker: int) -> Optional[dict]:
         fields = pending[0][1][2].keys()
-        if self.decode and not self.decoders and all(raw[2].keys() == fields for _, raw in pending):
+        same_fields = self.want is not None or all(raw[2].keys() == fields for _, raw in pending)  # checked on read
+        if self.decode and not self.decoders and same_fields:
             try:  # column-wise: one copy for fixed-shape arrays, one stack for images
                 batch = {f: _decode_column([raw[2][f][0] for _, raw in pending], [raw[2][f][1] for _, raw in pending],
                                            self.image) for f in fields}
@@ -969,11 +1128,20 @@ class ShardDataset(IterableDataset):
         return collate(samples) if samples else None
 
 
+def _small_samples(shard: Shard) -> bool:
+    """Samples small enough that reading whole blocks costs less than walking headers in Python."""
+    return bool(shard.filesize and shard.nsamples and shard.filesize / shard.nsamples <= READ_BLOCK // 16)
+
+
 def _ints(values: Any) -> list[int]:
     return values.tolist() if isinstance(values, torch.Tensor) else [int(v) for v in values]
 
 
 # -- loader ----------------------------------------------------------------------------------------
+
+def _as_is(item: Any) -> Any:
+    return item
+
 
 class Loader:
     """A torch DataLoader over a :class:`ShardDataset` that records what it delivered, so that
@@ -994,7 +1162,8 @@ class Loader:
     def __iter__(self) -> Iterator[dict]:
         ds = self.dataset
         ds._begin(max(1, self.num_workers))
-        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, **self.kwargs)
+        kwargs = {"collate_fn": _as_is, **self.kwargs}  # items are tensors already: skip default_convert's walk
+        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, **kwargs)
         for item in loader:
             if self.num_workers:  # in-process iteration records by itself
                 ds.record(item)

@@ -3,8 +3,8 @@
 Rows are clips: a URL, a caption and optionally a span (``clip_start`` / ``clip_end`` in seconds,
 absent or None for the whole video). Per shard the stage groups the pending rows by URL, streams
 each video to a temporary file (never whole in memory; several downloads in flight on one event
-loop), cuts all of that video's clips in a thread pool (PyAV and decord release the GIL), then
-deletes the file. A video is on disk only from its download to the end of its cuts, and at most
+loop), cuts its clips in a thread pool (PyAV and decord release the GIL), then deletes the file.
+A video is on disk only from its download to the end of its cuts, and at most
 ``video.concurrency`` of them at once, so disk use is bounded too.
 
 Each successful row gets ``files["mp4"]`` (H.264 MP4), optionally ``files["frames.npy"]`` (uint8
@@ -21,6 +21,8 @@ import asyncio
 import dataclasses
 import hashlib
 import math
+import os
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,8 +33,9 @@ from yarl import URL
 from . import schema
 from .fetch import FetchConfig, Fetcher, FetchResult, ForbiddenAddress
 from .stage import Batch, Resources, Stage
-from .video_cut import Clip, CutConfig, MediaError, SourceInfo, Span, cut_clips, npy_bytes
+from .video_cut import Clip, CutConfig, MediaError, SourceInfo, Span, npy_bytes, probe_file, try_cut_clip
 
+TMP_PREFIX = "mmcurate-video-"  # + pid: lets a later run delete what a killed one left
 # Columns this stage fills (None where a row failed); created up front so every shard has them.
 VIDEO_COLUMNS = ("clip_start", "clip_end", "duration", "fps", "frame_count", "codec", "cut", "source_url",
                  "source_duration", "source_fps", "source_codec")
@@ -72,7 +75,8 @@ class VideoDownloadStage(Stage):
             batch.setdefault(column, [None] * schema.batch_len(batch))
         groups = group_by_url(batch)
         if groups:
-            with tempfile.TemporaryDirectory(prefix="mmcurate-video-", dir=self.video.tmp_dir) as tmp:
+            sweep_stale_dirs(self.video.tmp_dir)
+            with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=self.video.tmp_dir) as tmp:
                 asyncio.run(self._run(batch, groups, Path(tmp)))
         return batch
 
@@ -99,11 +103,17 @@ class VideoDownloadStage(Stage):
             for i in rows:
                 schema.mark(batch, i, got.error_kind or "connection", got.error_message or "")
             return
-        spans = [span_of(batch, i) for i in rows]
         loop = asyncio.get_running_loop()
-        info, results = await loop.run_in_executor(self._pool, cut_clips, got.path, spans, self.cut_config,
-                                                   workdir)
-        Path(got.path).unlink(missing_ok=True)
+        try:
+            info = await loop.run_in_executor(self._pool, probe_file, got.path, self.cut_config.max_pixels)
+        except MediaError as e:
+            for i in rows:
+                record(batch, i, got, None, e)
+            return
+        # Clips are cut in parallel: one video may hold most of a shard's clips (Panda-70M).
+        results = await asyncio.gather(*(
+            loop.run_in_executor(self._pool, try_cut_clip, got.path, info, span_of(batch, i), self.cut_config,
+                                 workdir / f"clip{i}.mp4") for i in rows))
         for i, result in zip(rows, results):
             record(batch, i, got, info, result)
 
@@ -131,19 +141,21 @@ def group_by_url(batch: Batch) -> dict[str, list[int]]:
 
 def span_of(batch: Batch, i: int) -> Span:
     """Row ``i``'s span in seconds, or None (the whole video) when it has none."""
-    start = _seconds(batch.get(schema.CLIP_START, [None] * (i + 1))[i])
-    end = _seconds(batch.get(schema.CLIP_END, [None] * (i + 1))[i])
+    starts, ends = batch.get(schema.CLIP_START), batch.get(schema.CLIP_END)
+    start = _seconds(None if starts is None else starts[i])
+    end = _seconds(None if ends is None else ends[i])
     return None if start is None and end is None else (start, end)
 
 
 def _seconds(value: Any) -> Optional[float]:
+    """Seconds as a float; None and NaN (a missing value in CSV or pandas) mean no bound."""
     if value is None:
         return None
     try:
         seconds = float(value)
     except (TypeError, ValueError):
-        return math.nan  # resolve_span reports it as bad_span
-    return seconds
+        return -1.0  # not a number: resolve_span reports it as bad_span
+    return None if math.isnan(seconds) else seconds
 
 
 def record(batch: Batch, i: int, got: FetchResult, info: Optional[SourceInfo],
@@ -189,6 +201,25 @@ async def _vet_host(fetcher: Fetcher, url: str) -> Optional[FetchResult]:
 
 
 def _remove_tree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
+
+
+def sweep_stale_dirs(tmp_dir: Optional[str]) -> None:
+    """Delete the download directories of processes that died without cleaning up (SIGKILL).
+
+    The directory name carries the owner's pid; a live pid (even a reused one) keeps its directory.
+    """
+    for path in Path(tmp_dir or tempfile.gettempdir()).glob(f"{TMP_PREFIX}*-*"):
+        pid = path.name[len(TMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove_tree(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import itertools
 import math
-import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -81,6 +80,12 @@ class SourceInfo:
     width: int
     height: int
     codec: str
+    pix_fmt: Optional[str] = None
+
+    @property
+    def copyable(self) -> bool:
+        """Packets can go to the output as they are: H.264 in the 4:2:0 every player decodes."""
+        return self.codec == "h264" and self.pix_fmt in ("yuv420p", "yuvj420p")
 
 
 @dataclass
@@ -134,7 +139,8 @@ def probe(container, max_pixels: int) -> SourceInfo:
         duration = float(vs.duration * vs.time_base)
     elif container.duration is not None:
         duration = container.duration / 1_000_000
-    return SourceInfo(duration=duration, fps=Fraction(rate), width=width, height=height, codec=ctx.name)
+    return SourceInfo(duration=duration, fps=Fraction(rate), width=width, height=height, codec=ctx.name,
+                      pix_fmt=ctx.pix_fmt)
 
 
 def resolve_span(span: Span, info: SourceInfo, max_duration: Optional[float]) -> tuple[float, float]:
@@ -164,26 +170,38 @@ def output_size(width: int, height: int, resolution: Optional[int]) -> tuple[int
 
 
 # -- cutting -------------------------------------------------------------------------------------
+def probe_file(path: Union[str, Path], max_pixels: int) -> SourceInfo:
+    """:func:`probe` on a file; any failure to read it is a MediaError (decode_error)."""
+    try:
+        with _open(path) as container:
+            return probe(container, max_pixels)
+    except MediaError:
+        raise
+    except Exception as e:  # noqa: BLE001 - odd containers must fail their rows, not the shard
+        raise MediaError("decode_error", f"{type(e).__name__}: {e}") from None
+
+
 def cut_clips(path: Union[str, Path], spans: list[Span], config: CutConfig, workdir: Union[str, Path]
               ) -> tuple[Optional[SourceInfo], list[Union[Clip, MediaError]]]:
-    """Cut every span of one source file; one result per span (a Clip or the MediaError).
+    """Cut every span of one source file, one after the other; one result per span.
 
     A failure to open or probe the source fails every span with the same error.
     """
     try:
-        with _open(path) as container:
-            info = probe(container, config.max_pixels)
+        info = probe_file(path, config.max_pixels)
     except MediaError as e:
         return None, [e] * len(spans)
-    except Exception as e:  # noqa: BLE001 - odd containers must fail their rows, not the shard
-        return None, [MediaError("decode_error", f"{type(e).__name__}: {e}")] * len(spans)
-    results: list[Union[Clip, MediaError]] = []
-    for n, span in enumerate(spans):
-        try:
-            results.append(cut_clip(path, info, span, config, Path(workdir) / f"clip{n}.mp4"))
-        except MediaError as e:
-            results.append(e)
-    return info, results
+    return info, [try_cut_clip(path, info, span, config, Path(workdir) / f"clip{n}.mp4")
+                  for n, span in enumerate(spans)]
+
+
+def try_cut_clip(path: Union[str, Path], info: SourceInfo, span: Span, config: CutConfig,
+                 out_path: Union[str, Path]) -> Union[Clip, MediaError]:
+    """:func:`cut_clip`, with its failure returned instead of raised (for thread pools)."""
+    try:
+        return cut_clip(path, info, span, config, out_path)
+    except MediaError as e:
+        return e
 
 
 def cut_clip(path: Union[str, Path], info: SourceInfo, span: Span, config: CutConfig,
@@ -195,7 +213,7 @@ def cut_clip(path: Union[str, Path], info: SourceInfo, span: Span, config: CutCo
     out_path = Path(out_path)
     try:
         clip = None
-        if info.codec == "h264" and not config.transforms:
+        if info.copyable and not config.transforms:
             clip = _remux(path, info, start, end, config, out_path)
         if clip is None:
             clip = _reencode(path, info, start, end, config, out_path)
@@ -449,10 +467,3 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
-
-
-def remove_quietly(path: Union[str, Path]) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -74,24 +74,35 @@ def write_output(out_dir: Path, shard_sizes: Sequence[int], *, image: bool = Tru
     return expected
 
 
-def read_all(path: Path, lo: int = 0, hi: Optional[int] = None, want=None) -> list:
+ALL = {e: e for e in ("jpg", "txt", "json", "text_ids.npy", "clip.npy", "cls", "mp4", "tar")}
+
+
+def read_all(path: Path, lo: int = 0, hi: Optional[int] = None, want=None, fast: bool = False,
+             block: int = 4096) -> list:
+    """Read with the header walk, or with the numpy scan (``fast``); a small block makes samples
+    straddle buffer refills, so both scan and fallback run."""
     with open(path, "rb", buffering=0) as f:
-        return list(_samples(_TarReader(f, block=4096), lo, hi, want))
+        return list(_samples(_TarReader(f, block=block), lo, hi, ALL if fast and want is None else want, fast))
 
 
-def test_samples_match_tarfile(tmp_path):
+both = pytest.mark.parametrize("fast,block", [(False, 4096), (True, 16384), (True, 1 << 18)])
+
+
+@both
+def test_samples_match_tarfile(tmp_path, fast, block):
     expected = write_output(tmp_path, [5, 0, 3])
     got = {}
     for shard in ("00000", "00001", "00002"):
-        for key, files in read_all(tmp_path / f"{shard}.tar"):
+        for key, files in read_all(tmp_path / f"{shard}.tar", fast=fast, block=block):
             got[key] = {ext: data for ext, (_, data) in files.items()}
     assert got == expected
     assert len(got) == 8
 
 
-def test_range_and_field_selection(tmp_path):
+@both
+def test_range_and_field_selection(tmp_path, fast, block):
     expected = write_output(tmp_path, [6])
-    samples = read_all(tmp_path / "00000.tar", 2, 4, {"txt": "caption", "clip.npy": "clip"})
+    samples = read_all(tmp_path / "00000.tar", 2, 4, {"txt": "caption", "clip.npy": "clip"}, fast, block)
     keys = sorted(expected)[2:4]
     assert [k for k, _ in samples] == keys
     for key, files in samples:
@@ -126,23 +137,39 @@ def test_large_unwanted_members_are_not_read(tmp_path):
     assert _CountingFile.read_bytes < 4 * 65536 + 4096  # four header blocks, not 1.2 MB of video
 
 
-def test_pax_and_gnu_long_names(tmp_path):
+@both
+def test_pax_and_gnu_long_names(tmp_path, fast, block):
     long_key = "d/" + "k" * 120
-    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+    keys = ["000", "001", long_key, "002", "003"]  # plain members around the long one: scan, fall back, scan
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
         path = tmp_path / f"{fmt}.tar"
         with tarfile.open(path, "w", format=fmt) as tar:
-            for key in ("a", long_key):
+            for key in keys if fmt != tarfile.USTAR_FORMAT else ["000", "d/" + "k" * 60 + "/x", "001"]:
                 for ext, data in (("txt", key.encode()), ("cls", b"7")):
                     info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime = len(data), 1.5  # float mtime: a pax header per member
+                    info.size, info.mtime = len(data), (1.5 if key == long_key else 0)  # float: a pax header
                     tar.addfile(info, io.BytesIO(data))
-        got = read_all(path)
-        assert [k for k, _ in got] == ["a", long_key]
-        assert got[1][1]["txt"] == ("txt", long_key.encode())
+        got = read_all(path, fast=fast, block=block)
+        want = keys if fmt != tarfile.USTAR_FORMAT else ["000", "d/" + "k" * 60 + "/x", "001"]
+        assert [k for k, _ in got] == want, fmt
+        assert all(files["txt"] == ("txt", k.encode()) and files["cls"] == ("cls", b"7") for k, files in got)
 
 
+@both
+def test_member_that_is_itself_a_tar(tmp_path, fast, block):
+    """Header look-alikes inside member data (a tar in a tar) must not be taken for members."""
+    inner = writer.tar_bytes([(f"{i:09d}.txt", b"inner" * 50) for i in range(6)])
+    outer = writer.tar_bytes([(f"{k:09d}.{ext}", data) for k in range(5)
+                              for ext, data in (("tar", inner), ("txt", str(k).encode()))])
+    (tmp_path / "nested.tar").write_bytes(outer)
+    got = read_all(tmp_path / "nested.tar", fast=fast, block=block)
+    assert [files["txt"][1] for _, files in got] == [b"0", b"1", b"2", b"3", b"4"]
+    assert all(files["tar"][1] == inner for _, files in got)
+
+
+@both
 @pytest.mark.parametrize("damage", ["truncate_data", "truncate_header", "garbage_header"])
-def test_corrupt_tars_raise_format_errors(tmp_path, damage):
+def test_corrupt_tars_raise_format_errors(tmp_path, damage, fast, block):
     write_output(tmp_path, [4], failed_every=None)
     data = (tmp_path / "00000.tar").read_bytes()
     second = data.index(b"000000001.jpg") // 512 * 512  # the second sample's first header
@@ -151,7 +178,7 @@ def test_corrupt_tars_raise_format_errors(tmp_path, damage):
            "garbage_header": data[:second] + b"\x07" * 512 + data[second + 512:]}[damage]
     (tmp_path / "bad.tar").write_bytes(bad)
     with pytest.raises(TarFormatError):
-        read_all(tmp_path / "bad.tar")
+        read_all(tmp_path / "bad.tar", fast=fast, block=block)
 
 
 def test_split_name_follows_webdataset():

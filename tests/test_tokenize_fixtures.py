@@ -41,7 +41,12 @@ def save_tiny_emu3(path: Path, temporal: int = 1, seed: int = 0, codebook: int =
     from transformers import Emu3VQVAE, Emu3VQVAEConfig
 
     torch.manual_seed(seed)
-    Emu3VQVAE(Emu3VQVAEConfig(**emu3_vq_config(temporal, codebook))).save_pretrained(path)
+    model = Emu3VQVAE(Emu3VQVAEConfig(**emu3_vq_config(temporal, codebook))).eval()
+    with torch.no_grad():  # codes drawn from encoder outputs, so that random weights use many ids
+        hidden = model.encoder(torch.rand(2, 2 * temporal, 3, 32, 32) * 2 - 1)
+        z = model.quant_conv(hidden.permute(0, 2, 1, 3, 4)).permute(0, 2, 3, 4, 1).reshape(-1, 4)
+        model.quantize.embedding.weight.copy_(z[torch.randperm(len(z))[:codebook]])
+    model.save_pretrained(path)
     return path
 
 
@@ -70,8 +75,11 @@ def save_tiny_chameleon(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = ChameleonVQVAEConfig(embed_dim=4, num_embeddings=300, latent_channels=4, base_channels=32,
                                   channel_multiplier=[1, 2], num_res_blocks=1, resolution=32, attn_resolutions=[])
-    model = ChameleonVQVAE(config)
-    torch.nn.init.normal_(model.quantize.embedding.weight)  # spread codes out: more than one id in use
+    model = ChameleonVQVAE(config).eval()
+    with torch.no_grad():  # codes drawn from encoder outputs, so that random weights use many ids
+        z = model.quant_conv(model.encoder(torch.rand(4, 3, 32, 32) * 2 - 1))
+        z = z.permute(0, 2, 3, 1).reshape(-1, 4)
+        model.quantize.embedding.weight.copy_(z[torch.randperm(len(z))[:300]])
     model.save_pretrained(path)
     return path
 

@@ -250,7 +250,12 @@ def server(videos):
 def test_stage_downloads_each_video_once_and_fills_the_row(server, tmp_path):
     url, avi = server.url("bframes.mp4"), server.url("mpeg4.avi")
     batch = make_batch([(url, 0.0, 1.0), (avi, None, None), (url, 1.0, 2.0), (url, 2.5, 3.5)])
-    stage = VideoDownloadStage(job_spec(tmp_path, {"resolution": 48, "store_frames": True, "num_frames": 4}))
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    stale = downloads / "mmcurate-video-999999999-abc"  # left by a killed process
+    stale.mkdir()
+    stage = VideoDownloadStage(job_spec(tmp_path, {"resolution": 48, "store_frames": True, "num_frames": 4,
+                                                   "tmp_dir": str(downloads)}))
     before = server.requests.copy()
     batch = stage(batch)
     assert batch["status"] == [schema.SUCCESS] * 4, batch["error_message"]
@@ -271,7 +276,7 @@ def test_stage_downloads_each_video_once_and_fills_the_row(server, tmp_path):
     clip_counters = [c for _, c in decoded(batch["files"][3]["mp4"])]
     assert clip_counters == list(range(62, 87))
     json.dumps({k: v for k, v in batch.items() if k != "files"})  # scalar columns are JSON-able
-    assert not list(tmp_path.glob("mmcurate-video-*"))
+    assert not list(downloads.iterdir())  # sources deleted, the dead process's directory too
 
 
 def test_hostile_downloads_end_in_their_documented_status(server, tmp_path):
@@ -312,6 +317,16 @@ def test_same_input_gives_the_same_bytes(server, tmp_path):
         assert run["files"] == runs[0]["files"] and run["sha256"] == runs[0]["sha256"]
     remuxed = [VideoDownloadStage(job_spec(tmp_path))(make_batch(rows[2:])) for _ in range(2)]
     assert remuxed[0]["cut"] == ["remux"] and remuxed[0]["files"] == remuxed[1]["files"]
+
+
+def test_missing_span_values_mean_the_whole_video(server, tmp_path):
+    url = server.url("plain.mp4")
+    batch = make_batch([(url, float("nan"), float("nan")), (url, 3.0, None), (url, "soon", 2.0)])
+    batch = VideoDownloadStage(job_spec(tmp_path))(batch)
+    assert batch["status"][:2] == [schema.SUCCESS, schema.SUCCESS]
+    assert (batch["clip_start"][0], batch["clip_end"][0]) == (0.0, 4.0)
+    assert (batch["clip_start"][1], batch["clip_end"][1]) == (3.0, 4.0)
+    assert batch["error_kind"][2] == "bad_span"
 
 
 def test_rows_already_failed_are_left_alone(server, tmp_path):

@@ -37,7 +37,7 @@ def server(tmp_path_factory):
         yield srv
 
 
-def job_file(tmp_path, server, name):
+def job_file(tmp_path, server, name, **video):
     urls = tmp_path / "clips.parquet"
     if not urls.exists():
         rows = [(server.url(f"v{i}.mp4"), s, e) for i in range(N_VIDEOS) for s, e in SPANS]
@@ -48,7 +48,7 @@ def job_file(tmp_path, server, name):
     data = {"name": name,
             "input": {"files": [str(urls)], "save_additional_columns": ["clip_start", "clip_end"]},
             "download": {"media": "video", "allow_private_addresses": True, "timeout": 10},
-            "video": {"resolution": 64, "store_frames": True, "num_frames": 4},
+            "video": {"resolution": 64, "store_frames": True, "num_frames": 4, **video},
             "output": {"dir": str(tmp_path / name), "samples_per_shard": 3},
             "execution": {"engine": "local", "progress": False}}
     path = tmp_path / f"{name}.yaml"
@@ -80,7 +80,9 @@ def test_video_job_writes_clips_that_read_back(reference):
 
 
 def test_sigkill_mid_job_then_rerun_gives_identical_shards(tmp_path, server, reference):
-    path = job_file(tmp_path, server, "killed")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    path = job_file(tmp_path, server, "killed", tmp_dir=str(downloads))
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pipeline", "run", str(path), "--no-progress"]
     rng = random.Random(2)
@@ -102,6 +104,7 @@ def test_sigkill_mid_job_then_rerun_gives_identical_shards(tmp_path, server, ref
     ref = [pq.read_table(p).drop(["error_message"]).to_pydict() for p in sorted(reference.glob("*.parquet"))]
     got = [pq.read_table(p).drop(["error_message"]).to_pydict() for p in sorted(out.glob("*.parquet"))]
     assert got == ref
+    assert not list(downloads.iterdir())  # what the killed runs left was swept
     # and the clips hold the frames of their spans
     with tarfile.open(out / "00000.tar") as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(".mp4"))
