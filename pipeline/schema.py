@@ -30,9 +30,20 @@ POSITION = "position"
 
 STATUS_COLUMNS = (KEY, URL, CAPTION, STATUS, ERROR_KIND, ERROR_MESSAGE, WIDTH, HEIGHT,
                   ORIGINAL_WIDTH, ORIGINAL_HEIGHT, SHA256)
-# Arrow type of each status column in NNNNN.parquet, fixed so that every shard's table has one schema.
-STATUS_TYPES = {c: ("int32" if c in (WIDTH, HEIGHT, ORIGINAL_WIDTH, ORIGINAL_HEIGHT) else "string")
-                for c in STATUS_COLUMNS}
+# Arrow type of each column in NNNNN.parquet that mmcurate itself produces, fixed so that every
+# shard's table has one schema even when no row of a shard reached the stage that fills a column.
+COLUMN_TYPES = {
+    **{c: ("int32" if c in (WIDTH, HEIGHT, ORIGINAL_WIDTH, ORIGINAL_HEIGHT) else "string") for c in STATUS_COLUMNS},
+    # filters
+    "clip_score": "double", "exact_group": "string", "near_group": "string", "phash": "string", "dhash": "string",
+    # tokenizers
+    "text_tokenizer": "string", "text_length": "int32", "image_tokenizer": "string", "image_policy": "string",
+    "image_grid": "string", "vae_scaling_factor": "double", "vae_shift_factor": "double",
+    # video
+    CLIP_START: "double", CLIP_END: "double", "duration": "double", "fps": "double", "frame_count": "int32",
+    "codec": "string", "cut": "string", "source_url": "string", "source_duration": "double",
+    "source_fps": "double", "source_codec": "string",
+}
 
 # -- status values (img2dataset-compatible where they overlap) -----------------------------------
 SUCCESS = "success"

@@ -67,9 +67,10 @@ def _plain(value: Any) -> Any:
 
 
 def _member_order(ext: str) -> tuple[int, str]:
+    """Media first, then txt and json, then stage outputs by name."""
     if ext in MEDIA_EXTENSIONS:
         return (0, ext)
-    return (1 if ext in ("txt", "json") else 2, ext)
+    return ({"txt": 1, "json": 2}.get(ext, 3), ext)
 
 
 def sample_members(batch: dict[str, list], i: int, scalar_columns: list[str]) -> list[tuple[str, bytes]]:
@@ -108,7 +109,7 @@ def status_table(batch: dict[str, list]) -> pa.Table:
     for c in cols:
         values = [_plain(v) for v in batch[c]]
         try:
-            arrays[c] = pa.array(values, type=schema.STATUS_TYPES.get(c))
+            arrays[c] = pa.array(values, type=schema.COLUMN_TYPES.get(c))
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: keep them readable as text
             arrays[c] = pa.array([None if v is None else json.dumps(v) if not isinstance(v, str) else v
                                   for v in values], type=pa.string())
