@@ -17,7 +17,6 @@ Prints samples/s for each, the ratio, and how far apart the two sets of scores a
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tarfile
@@ -121,6 +120,38 @@ def ours(paths: list[str], model_name: str, pretrained: str, device: str, batch_
     return scores, time.perf_counter() - start
 
 
+def usual_input(paths: list[str], model_name: str, batch_size: int, workers: int) -> tuple[int, float]:
+    """The usual approach's input path alone: DataLoader decode + preprocess, and tokenization."""
+    import open_clip
+    import torch
+    import webdataset as wds
+
+    preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)[2]
+    tokenizer = open_clip.get_tokenizer(model_name)
+    dataset = (wds.WebDataset(paths, shardshuffle=False, empty_check=False).decode("pil")
+               .to_tuple("jpg", "txt").map_tuple(preprocess, lambda t: t))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    count, start = 0, time.perf_counter()
+    for images, texts in loader:
+        tokenizer(list(texts))
+        count += len(images)
+    return count, time.perf_counter() - start
+
+
+def ours_input(paths: list[str], model_name: str, device: str, batch_size: int, threads: int,
+               decode: str) -> tuple[int, float]:
+    """mmcurate's input path alone: ClipScorer's decode threads and tokenization, no model."""
+    from filters.clip_model import load_clip
+    from filters.clip_scorer import ClipScorer
+
+    scorer = ClipScorer(load_clip(model_name, "random", device), batch_size=batch_size, decode=decode, threads=threads)
+    count, start = 0, time.perf_counter()
+    for batch in read_batches(paths):
+        for prepared in scorer.batches([f["jpg"] for f in batch[schema.FILES]], batch[schema.CAPTION]):
+            count += len(prepared.ok)
+    return count, time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="ViT-B-32")
@@ -136,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="both sides: auto is bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--shards", default=None, help="reuse / keep the stored shards in this directory")
+    p.add_argument("--input-only", action="store_true",
+                   help="time decode + preprocess + tokenize only (what bounds a GPU run), no model")
     a = p.parse_args(argv)
 
     import logging
@@ -156,6 +189,17 @@ def main(argv: list[str] | None = None) -> int:
           f"({a.pretrained} weights) · batch {a.batch_size} · {'bf16' if amp else 'fp32'} · {device}"
           f"{' ' + torch.cuda.get_device_name() if device == 'cuda' else f' ({torch.get_num_threads()} threads)'}"
           f" · {os.cpu_count()} CPUs visible", flush=True)
+
+    if a.input_only:
+        usual_input(paths[:1], a.model, a.batch_size, a.workers)  # warm-up
+        ours_input(paths[:1], a.model, device, a.batch_size, a.threads, a.decode)
+        (n_base, base_s), (n_ours, our_s) = (usual_input(paths, a.model, a.batch_size, a.workers),
+                                             ours_input(paths, a.model, device, a.batch_size, a.threads, a.decode))
+        print(f"input path only (decode, preprocess, tokenize; no model):\n"
+              f"usual (DataLoader x{a.workers}): {n_base / base_s:8.1f} samples/s\n"
+              f"mmcurate ({a.threads} threads): {n_ours / our_s:8.1f} samples/s\n"
+              f"ratio mmcurate / usual: {(n_ours / our_s) / (n_base / base_s):.2f}x")
+        return 0
 
     warm = paths[:1]  # first pass pays for imports, worker start-up and allocator warm-up
     usual(warm, a.model, a.pretrained, device, a.batch_size, a.workers, amp)

@@ -1,6 +1,6 @@
 """Loader throughput: webdataset's WebLoader vs mmcurate's Loader vs the raw read of the same tars.
 
-    .venv/bin/python benchmarks/loader.py                 # writes its shards to /tmp, ~3 minutes
+    .venv/bin/python benchmarks/loader.py                 # writes its shards to /tmp, ~4 minutes
     .venv/bin/python benchmarks/loader.py --cold          # evict the shards from the page cache first
 
 Two shard sets, written once (kept between runs):
@@ -14,7 +14,8 @@ For each set, in one run, interleaved ``--repeats`` times with the same workers 
 
 * ``webdataset``: ``WebDataset(...).map(keep the fields).decode(...).batched(bs)`` in a
   ``WebLoader`` (the webdataset FAQ's pattern: batching in the workers);
-* ``mmcurate``: ``ShardDataset(dir, fields=..., batch_size=bs)`` in ``Loader``;
+* ``mmcurate``: ``ShardDataset(dir, fields=..., batch_size=bs)`` in ``Loader``; for tokens also
+  ``mmcurate w=0``, the same read in the trainer's own process (no worker transport);
 * ``raw read``: the tars' bytes read sequentially (1 MiB reads), files split over the same number
   of processes: the storage limit; samples/s = samples in the files / seconds;
 * ``raw tar``: the same processes iterating every member with the standard library's ``tarfile``
@@ -234,13 +235,16 @@ def report(title: str, rates: dict[str, float], baseline: str, limit: str) -> No
     for other in ("raw tar", "ipc ceiling"):
         if other in rates and other != limit:
             print(f"  mmcurate / {other}: {ours / rates[other]:.0%}")
+    if "mmcurate w=0" in rates:
+        print(f"  mmcurate w=0 (in the trainer's process, no transport) / {limit}: "
+              f"{rates['mmcurate w=0'] / rates[limit]:.0%}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dir", default="/tmp/mmcurate-bench-loader", help="where the shards are written (kept)")
-    p.add_argument("--images", type=int, default=4000, help="image samples (default 4000)")
-    p.add_argument("--tokens", type=int, default=200_000, help="token samples (default 200000)")
+    p.add_argument("--images", type=int, default=3000, help="image samples (default 3000)")
+    p.add_argument("--tokens", type=int, default=100_000, help="token samples (default 100000)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
@@ -271,6 +275,7 @@ def run_tokens(tok_dir: Path, args: argparse.Namespace) -> None:
     w, bs = args.workers, args.batch_size
     tok = measure({"webdataset": lambda: run_webdataset(tok_dir, TOKEN_FIELDS, w, bs),
                    "mmcurate": lambda: run_mmcurate(tok_dir, TOKEN_FIELDS, w, bs),
+                   "mmcurate w=0": lambda: run_mmcurate(tok_dir, TOKEN_FIELDS, 0, bs),
                    "raw read": lambda: run_in_processes(_read_raw, tok_dir, w),
                    "raw tar": lambda: run_in_processes(_read_tarfile, tok_dir, w),
                    "ipc ceiling": lambda: run_ipc_ceiling(tok_dir, TOKEN_FIELDS, w, bs)},

@@ -49,8 +49,11 @@ def build_filters(entries: list[dict[str, Any]], spec: Any = None, load: bool = 
         _check_order(stages, stage, n)
         stages.append(stage)
     if load:
-        for stage in stages:
-            stage.check()
+        for n, stage in enumerate(stages):
+            try:
+                stage.check()
+            except ConfigError as e:
+                raise ConfigError(f"filters[{n}].{e}") from None
     return stages
 
 

@@ -1,15 +1,22 @@
-"""``mmcurate demo``: the whole flow offline. A server on 127.0.0.1 serves bundled synthetic
-images (plus a few dead and hostile links), the demo job downloads them into shards, and the
-result is inspected."""
+"""``mmcurate demo``: the whole pipeline offline, in a few minutes.
+
+A server on 127.0.0.1 serves bundled synthetic images with captions (some deliberately
+mismatched, some exact duplicates, a few dead or hostile links) -> download -> caption, exact-dedup
+and CLIP filters with the project's tiny CLIP -> text and image (VQ) tokenization -> shards ->
+a few batches streamed back through the loader -> a printed summary and the HTML report.
+"""
 from __future__ import annotations
 
 import io
 import random
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from . import synthetic
 from .inspection import render, summarize
@@ -17,39 +24,110 @@ from .job import run_job
 from .serve import LocalServer
 from .spec import load_job
 
-DEMO_JOB = Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"
-N_IMAGES = 240
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_JOB = ROOT / "jobs" / "demo.yaml"
+N_IMAGES = 400
+MISMATCHED = 0.2   # share of captions replaced by another image's caption
+DUPLICATES = 0.05  # share of URLs serving a byte-identical copy of an earlier image
 
 
-def demo_files(n: int = N_IMAGES, seed: int = 0) -> tuple[dict[str, bytes], list[tuple[str, str]]]:
-    """Synthetic JPEGs of varied sizes, their captions, and a few links that must fail."""
+def demo_data(n: int = N_IMAGES, seed: int = 0) -> tuple[dict[str, bytes], list[dict[str, Any]]]:
+    """Files to serve and the URL rows, each with what the demo knows about it (its truth)."""
     rng = random.Random(seed)
+    pairs = synthetic.make_pairs(n, seed=seed, size=96)
     files: dict[str, bytes] = {}
-    rows: list[tuple[str, str]] = []
-    for i, (image, caption) in enumerate(synthetic.make_pairs(n, seed=seed, size=rng.choice([96, 128]))):
-        w, h = rng.choice([(96, 96), (160, 120), (120, 200), (256, 192)])
+    rows: list[dict[str, Any]] = []
+    for i, (image, caption) in enumerate(pairs):
+        w, h = rng.choice([(96, 96), (128, 96), (96, 128), (160, 120)])
         buf = io.BytesIO()
-        image.resize((w, h)).save(buf, "JPEG", quality=90)
-        files[f"img/{i:05d}.jpg"] = buf.getvalue()
-        rows.append((f"img/{i:05d}.jpg", caption))
+        image.resize((w, h)).save(buf, "JPEG", quality=92)
+        path = f"img/{i:05d}.jpg"
+        truth = "matched"
+        if i > 10 and rng.random() < DUPLICATES:
+            files[path] = files[f"img/{rng.randrange(i):05d}.jpg"]
+            truth = "duplicate"
+        else:
+            files[path] = buf.getvalue()
+        if truth == "matched" and rng.random() < MISMATCHED:
+            caption, truth = pairs[rng.randrange(n)][1], "mismatched"
+        rows.append({"path": path, "caption": caption, "truth": truth})
     files["page.html"] = b"<!doctype html><html><body>not an image</body></html>"
-    rows += [("missing.jpg", "a dead link"), ("page.html", "an html page served with 200")]
+    rows += [{"path": "missing.jpg", "caption": "a dead link on the demo server", "truth": "dead"},
+             {"path": "page.html", "caption": "an html page served with status 200", "truth": "dead"}]
     return files, rows
+
+
+def _rooted(node: Any) -> Any:
+    """Model paths in the demo job are relative to the repository: make them absolute."""
+    if isinstance(node, dict):
+        return {k: _rooted(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rooted(v) for v in node]
+    if isinstance(node, str) and node.startswith("models/"):
+        return str(ROOT / node)
+    return node
+
+
+def stream_back(out_dir: Path, batches: int = 3) -> list[str]:
+    """Read a few batches back through the trainer-facing loader."""
+    from .loader import Loader, ShardDataset
+
+    dataset = ShardDataset(str(out_dir), fields={"image": "jpg", "text_ids": "text_ids.npy",
+                                                 "image_ids": "image_ids.npy", "caption": "txt"},
+                           batch_size=16, shuffle=True, seed=0)
+    lines = [f"loader: {dataset.num_samples} samples in {dataset.num_batches} batches of 16 per epoch"]
+    for n, batch in enumerate(Loader(dataset, num_workers=0)):
+        if n == batches:
+            break
+        lines.append(f"  batch {n}: image {tuple(batch['image'].shape)} {batch['image'].dtype}, "
+                     f"text_ids {tuple(batch['text_ids'].shape)}, image_ids {tuple(batch['image_ids'].shape)} "
+                     f"{batch['image_ids'].dtype}; e.g. {batch['caption'][0]!r}")
+    return lines
+
+
+def filter_quality(out_dir: Path, rows: list[dict[str, Any]], urls: list[str]) -> list[str]:
+    """How the filters did against what the demo knows about each row."""
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(out_dir.glob("*.parquet"))).to_pydict()
+    truth = {u: r["truth"] for u, r in zip(urls, rows)}
+    lines = []
+    for kind, label in (("mismatched", "mismatched captions"), ("duplicate", "duplicate images"),
+                        ("matched", "matched captions")):
+        mine = [i for i, u in enumerate(table["url"]) if truth[u] == kind]
+        kept = sum(table["status"][i] == "success" for i in mine)
+        by = sorted({table["error_kind"][i] for i in mine if table["error_kind"][i]})
+        lines.append(f"  {label:<20} {len(mine):>4} rows, {kept:>4} kept"
+                     + (f"; removed by {', '.join(by)}" if by else ""))
+    return lines
 
 
 def run_demo(out: str = "out/demo", keep: bool = False) -> int:
     out_dir = Path(out)
     if out_dir.exists() and not keep:
         shutil.rmtree(out_dir)
-    files, rows = demo_files()
+    files, rows = demo_data()
     url_file = out_dir / "input" / "urls.parquet"
+    start = time.perf_counter()
     with LocalServer(files, content_type="image/jpeg") as server:
+        urls = [server.url(r["path"]) for r in rows]
         url_file.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"url": [server.url(p) for p, _ in rows], "caption": [c for _, c in rows]}), url_file)
-        spec = load_job(DEMO_JOB, [f"input.files=[{url_file}]", f"output.dir={out_dir / 'shards'}"])
-        print(f"demo: serving {len(rows)} URLs on 127.0.0.1:{server.port}; running job {spec.name!r} "
-              f"({spec.execution.engine}) into {spec.output.dir}")
+        pq.write_table(pa.table({"url": urls, "caption": [r["caption"] for r in rows]}), url_file)
+        data = _rooted(yaml.safe_load(DEMO_JOB.read_text()))
+        data["input"]["files"] = [str(url_file)]
+        data["output"]["dir"] = str(out_dir / "shards")
+        spec = load_job(data=data)
+        print(f"demo: serving {len(rows)} URLs on 127.0.0.1:{server.port} ({MISMATCHED:.0%} of captions "
+              f"mismatched, ~{DUPLICATES:.0%} duplicate images, 2 bad links); job {spec.name!r} on "
+              f"{spec.execution.engine} into {spec.output.dir}")
         result = run_job(spec)
+    shards = Path(spec.output.dir)
     print()
-    print(render(summarize(spec.output.dir, n=3)))
+    print(render(summarize(shards, n=3)))
+    print("\nfilters against the truth the demo knows:")
+    print("\n".join(filter_quality(shards, rows, urls)))
+    print()
+    print("\n".join(stream_back(shards)))
+    from .report import write_report
+
+    report = write_report(shards, out_dir / "report.html")
+    print(f"\nreport: {report}\ndemo finished in {time.perf_counter() - start:.0f} s")
     return 0 if result.ok else 1

@@ -328,8 +328,8 @@ _ZERO_BLOCK = bytes(512)
 
 
 class _TarReader:
-    """Reads a tar through one reusable buffer: headers and small members come from block reads,
-    members of READ_BLOCK / 4 or more are read (or seeked over) on their own."""
+    """Reads a tar through one reusable buffer: headers and small members come from block reads;
+    members of a quarter of the buffer or more are read on their own, or seeked over when unwanted."""
 
     def __init__(self, f: Any, block: int = READ_BLOCK):
         self.f = f
@@ -667,7 +667,10 @@ def batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     if get_worker_info() is None:
         return torch.empty(tuple(shape), dtype=dtype)
     elem = torch.empty(0, dtype=dtype)
-    storage = elem._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    try:
+        storage = elem._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    except AttributeError:  # a private API; without it torch copies the tensor to shared memory itself
+        return torch.empty(tuple(shape), dtype=dtype)
     return elem.new(storage).resize_(*shape)
 
 
@@ -741,11 +744,9 @@ def _fit(img: Any, geometry: Any) -> Any:
     return img
 
 
-def _image_tensor(hwc: np.ndarray, opts: ImageOptions, contiguous: bool = False) -> torch.Tensor:
-    t = torch.from_numpy(hwc).movedim(-1, -3)  # ...HWC -> ...CHW (a view)
-    if opts.dtype == "float32":
-        return t.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
-    return t.contiguous() if contiguous else t
+def _image_tensor(hwc: np.ndarray, opts: ImageOptions) -> torch.Tensor:
+    t = torch.from_numpy(hwc).permute(2, 0, 1)  # HWC -> CHW, a view
+    return t.to(torch.float32, memory_format=torch.contiguous_format).div_(255) if opts.dtype == "float32" else t
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1189,5 +1190,7 @@ class Loader:
         self.dataset.load_state_dict(state)
 
     def stats(self) -> dict:
+        """The dataset's stats plus ``missing``: samples skipped as missing or corrupt, once a pass
+        is complete (before that, also the samples still to come)."""
         stats = self.dataset.stats()
         return dict(stats, missing=stats["expected"] - stats["delivered"])

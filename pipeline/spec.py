@@ -85,7 +85,9 @@ class VideoSpec:
     ytdlp_format: str = "bv*[ext=mp4]/b[ext=mp4]/bv*/b"  # yt-dlp format selector (video only)
     resolution: Optional[int] = None     # short side of the clips (made even); null keeps the source size
     fps: Optional[float] = None          # clip frame rate; null keeps the source's
-    clip_precision: Literal["exact", "keyframe"] = "exact"  # keyframe: start at the keyframe before the span
+    # exact: within half a frame of the span; keyframe: copied from the keyframe before the span,
+    # not re-encoded (H.264 sources, no resolution/fps change)
+    clip_precision: Literal["exact", "keyframe"] = "exact"
     max_duration: Optional[float] = 600.0  # longest clip in seconds (the whole video when no span) -> too_long
     crf: int = 23                        # libx264 quality when a clip is re-encoded
     preset: X264Preset = "veryfast"

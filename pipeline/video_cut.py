@@ -155,7 +155,7 @@ def resolve_span(span: Span, info: SourceInfo, max_duration: Optional[float]) ->
             raise MediaError("bad_span", f"the span starts at {start:.3f}s, after the video's end "
                                          f"({info.duration:.3f}s)")
         end = min(end, info.duration)
-    if max_duration is not None and end - start > max_duration + 1e-6:
+    if max_duration is not None and math.isfinite(end) and end - start > max_duration + 1e-6:
         raise MediaError("too_long", f"the clip lasts {end - start:.3f}s, more than max_duration "
                                      f"{max_duration}s")
     return start, end
@@ -247,14 +247,14 @@ def _remux(path, info: SourceInfo, start: float, end: float, config: CutConfig, 
     refuses (it then re-encodes). Packets are streamed to the output, never all held.
     """
     exact = config.precision == "exact"
-    with _open(path) as container:
+    with _open_at(path, start - 2 / float(info.fps)) as container:
         vs = _video_stream(container)
         tb, origin = vs.time_base, vs.start_time or 0
         tol = int(0.5 / float(info.fps) / tb)  # half a frame, in stream ticks
         start_pts = origin + int(round(start / tb))
         end_pts = origin + int(round(end / tb)) if math.isfinite(end) else None
-        limit = None if config.max_duration is None else config.max_duration / tb
-        container.seek(max(origin, start_pts - 4 * tol), stream=vs, backward=True)
+        hard_end = _hard_end(start, end, config.max_duration)
+        limit = origin + int(round(hard_end / tb)) if math.isfinite(hard_end) and hard_end < end else None
         packets = _from_keyframe(container.demux(vs), start_pts + tol)
         head = next(packets, None)
         if head is None or (exact and abs(head.pts - start_pts) > tol):
@@ -274,7 +274,7 @@ def _remux(path, info: SourceInfo, start: float, end: float, config: CutConfig, 
                             break
                         if exact:
                             return None
-                if limit is not None and pkt.pts - first > limit:
+                if limit is not None and pkt.pts >= limit:
                     raise MediaError("too_long", f"the video runs past max_duration {config.max_duration}s")
                 last_end = max(last_end, pkt.pts + (pkt.duration or 0))
                 pkt.pts, pkt.dts, pkt.stream = pkt.pts - first, pkt.dts - first, ostream
@@ -284,6 +284,38 @@ def _remux(path, info: SourceInfo, start: float, end: float, config: CutConfig, 
         return None  # e.g. open-GOP frames missing before the next keyframe
     return Clip(data=b"", start=float((first - origin) * tb), end=float((last_end - origin) * tb),
                 frame_count=count, fps=float(info.fps), width=info.width, height=info.height, method="remux")
+
+
+def _open_at(path, seconds: float):
+    """The source, positioned at the keyframe at or before ``seconds`` (from its first frame).
+
+    A format that cannot seek (a raw H.264 stream) is opened again and read from the beginning:
+    slower, same frames.
+    """
+    import av
+
+    container = _open(path)
+    try:
+        vs = _video_stream(container)
+        origin = vs.start_time or 0
+        target = origin + int(seconds / vs.time_base)
+        if target > origin:
+            container.seek(target, stream=vs, backward=True)
+        return container
+    except av.FFmpegError:
+        container.close()
+        return _open(path)
+    except BaseException:
+        container.close()
+        raise
+
+
+def _hard_end(start: float, end: float, max_duration: Optional[float]) -> float:
+    """Where to stop at the latest: the end, or the duration cap when the end is unknown (the
+    container does not say how long the video is); a known end was checked by resolve_span."""
+    if math.isfinite(end) or max_duration is None:
+        return end
+    return start + max_duration
 
 
 def _from_keyframe(demux, start_limit: int):
@@ -321,25 +353,25 @@ def _reencode(path, info: SourceInfo, start: float, end: float, config: CutConfi
     rate = Fraction(config.fps).limit_denominator(1001) if config.fps else info.fps
     step, src_half = 1 / float(rate), 0.5 / float(info.fps)
     width, height = output_size(info.width, info.height, config.resolution)
-    limit = config.max_duration
-    with _open(path) as container:
+    hard_end = _hard_end(start, end, config.max_duration)
+    with _open_at(path, start - 2 * src_half) as container:
         vs = _video_stream(container)
         vs.thread_type = "AUTO" if config.decode_threads > 1 else "SLICE"
         vs.codec_context.thread_count = config.decode_threads
         tb, origin = vs.time_base, vs.start_time or 0
-        container.seek(max(origin, origin + int((start - 2 * src_half) / tb)), stream=vs, backward=True)
         with _open_output(out_path) as out:
             ostream = _add_h264_stream(out, rate, width, height, config)
-            encoder = _Resampler(ostream, out, start, end, rate, src_half, width, height)
+            encoder = _Resampler(ostream, out, start, hard_end, rate, src_half, width, height)
+            t = -2 * src_half
             for frame in container.decode(vs):
                 pts = frame.pts if frame.pts is not None else frame.dts
-                if pts is None:
-                    continue
-                encoder.push(frame, float((pts - origin) * tb))
+                # Raw streams carry no timestamps (and cannot seek): count frames from the start.
+                t = float((pts - origin) * tb) if pts is not None else t + 2 * src_half
+                encoder.push(frame, t)
                 if encoder.done:
                     break
-                if limit is not None and encoder.clip_seconds > limit + 1e-6:
-                    raise MediaError("too_long", f"the video runs past max_duration {limit}s")
+            if encoder.done and hard_end < end:  # frames past the cap: the unknown end is too far
+                raise MediaError("too_long", f"the video runs past max_duration {config.max_duration}s")
             encoder.finish()
             out.mux(ostream.encode(None))
     if encoder.count == 0:
@@ -377,10 +409,6 @@ class _Resampler:
         self.done = False
         self._held = None  # the source frame currently on screen, and its time
         self._held_time = 0.0
-
-    @property
-    def clip_seconds(self) -> float:
-        return self.count * self.step
 
     def _next_time(self) -> float:
         return self.first_time + self.count * self.step

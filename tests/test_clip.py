@@ -87,6 +87,11 @@ def test_scores_equal_a_plain_open_clip_computation():
     expected = plain_open_clip_scores(images, b[schema.CAPTION])
     exact = clip_stage(draft=False, decode_threads=3)(b)  # 150 rows: 3 model batches of 64
     np.testing.assert_allclose(exact["clip_score"], expected, atol=1e-4)
+    # stored images under twice the model's input (like 256 px for a 224 px model): the default is exact
+    small = pairs_batch(40, size=48)
+    np.testing.assert_allclose(clip_stage()(small)["clip_score"],
+                               plain_open_clip_scores([f["jpg"] for f in small[schema.FILES]], small[schema.CAPTION]),
+                               atol=1e-4)
     # the default decodes these 64 px JPEGs at 32 px in the DCT domain: close, not identical
     fast = clip_stage()(pairs_batch(150))
     np.testing.assert_allclose(fast["clip_score"], expected, atol=0.05)

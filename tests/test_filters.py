@@ -33,9 +33,11 @@ def test_unknown_filter_lists_the_known_ones():
 
 @pytest.mark.parametrize("entry, message", [
     ({"clip_score": {"pretrained": "random", "min": 1.5}}, r"filters\[0\]\.clip_score\.min: a cosine"),
-    ({"clip_score": {"pretrained": "random", "mni": 0.2}}, r"filters\[0\]\.clip_score\.mni: unknown key \(did you mean 'min'"),
+    ({"clip_score": {"pretrained": "random", "mni": 0.2}},
+     r"filters\[0\]\.clip_score\.mni: unknown key \(did you mean 'min'"),
     ({"clip_score": {"min": 0.2}}, r"filters\[0\]\.clip_score\.pretrained: required"),
-    ({"clip_score": {"preset": "openai"}}, r"filters\[0\]\.clip_score\.preset: unknown preset 'openai' \(known: laion, datacomp\)"),
+    ({"clip_score": {"preset": "openai"}},
+     r"filters\[0\]\.clip_score\.preset: unknown preset 'openai' \(known: laion, datacomp\)"),
     ({"clip_score": {"pretrained": "random", "top_fraction": 0}}, r"top_fraction: must be in \(0, 1\]"),
     ({"image_size": {"min_side": "big"}}, r"filters\[0\]\.image_size\.min_side: expected an integer"),
     ({"aspect_ratio": {"max": 0.5}}, r"aspect_ratio\.max: 0.5 is below min 1.0"),
@@ -59,9 +61,10 @@ def test_presets_fill_in_and_keys_next_to_them_win():
 def test_load_checks_that_the_checkpoint_exists(tmp_path):
     entry = [{"clip_score": {"model": "ViT-B-32", "pretrained": str(tmp_path / "missing.pt")}}]
     build_filters(entry, None, load=False)  # validation alone does not look for files
-    with pytest.raises(ConfigError, match="missing.pt' is not a checkpoint file nor an open_clip tag of ViT-B-32"):
+    with pytest.raises(ConfigError, match=r"filters\[0\]\.clip_score\.pretrained: .*missing.pt' is not a "
+                                          r"checkpoint file nor an open_clip tag of ViT-B-32"):
         build_filters(entry, None, load=True)
-    with pytest.raises(ConfigError, match="'ViT-Q-99' is neither an open_clip model"):
+    with pytest.raises(ConfigError, match=r"filters\[0\]\.clip_score\.model: 'ViT-Q-99' is neither an open_clip model"):
         build_filters([{"clip_score": {"model": "ViT-Q-99", "pretrained": "random"}}], None, load=True)
 
 

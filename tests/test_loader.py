@@ -285,11 +285,11 @@ def damaged_copy(root: Path, tmp_path: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_damaged_shards_are_skipped_and_counted(out, tmp_path, workers):
+@pytest.mark.parametrize("workers,fields", [(0, None), (0, ["jpg", "txt"]), (2, ["jpg", "txt"])])
+def test_damaged_shards_are_skipped_and_counted(out, tmp_path, workers, fields):
     root, expected = out
-    dst = damaged_copy(root, tmp_path)
-    loader = Loader(ShardDataset(str(dst), batch_size=4), num_workers=workers)
+    dst = damaged_copy(root, tmp_path)  # fields None: header walk; fields given: numpy scan (small samples)
+    loader = Loader(ShardDataset(str(dst), batch_size=4, fields=fields), num_workers=workers)
     with pytest.warns(SkippedDataWarning) as record:
         keys = keys_of(loader)
     messages = " ".join(str(w.message) for w in record)

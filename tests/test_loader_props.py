@@ -41,6 +41,7 @@ def planned_draws(ds: ShardDataset, worker: int, workers: int) -> list[tuple[int
 
 
 def make(sources, topo, rank, **kw) -> ShardDataset:
+    kw.setdefault("fields", ["txt"])
     ds = ShardDataset(sources, rank=rank, world_size=topo["world_size"], batch_size=topo["batch_size"],
                       drop_last=topo["drop_last"], drop_remainder=topo["drop_remainder"], shuffle=topo["shuffle"],
                       seed=7, shuffle_buffer=3, decode=False, **kw)
@@ -95,8 +96,9 @@ def write_tars(root: Path, sizes) -> set[str]:
     shardlist, keys = [], set()
     for shard, n in enumerate(sizes):
         members = [(f"{shard:05d}{i:04d}.txt", f"{shard}-{i}".encode()) for i in range(n)]
-        (root / f"{shard:05d}.tar").write_bytes(writer.tar_bytes(members))
-        shardlist.append({"url": f"{shard:05d}.tar", "nsamples": n})
+        data = writer.tar_bytes(members)
+        (root / f"{shard:05d}.tar").write_bytes(data)
+        shardlist.append({"url": f"{shard:05d}.tar", "nsamples": n, "filesize": len(data)})  # small: numpy scan
         keys.update(name.split(".")[0] for name, _ in members)
     (root / "index.json").write_text(json.dumps({"__kind__": "wids-shard-index-v1", "shardlist": shardlist}))
     return keys

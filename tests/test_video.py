@@ -41,6 +41,9 @@ def videos(tmp_path_factory) -> dict[str, Path]:
         "mpeg4": write_counter_video(d / "mpeg4.avi", 100, fps=25, gop=12, codec="mpeg4"),
         "ntsc": write_counter_video(d / "ntsc.mp4", 150, fps=Fraction(30000, 1001), gop=30, bframes=1),
         "long": write_counter_video(d / "long.mp4", 160, fps=8, gop=16),  # 20 s
+        # no duration in the container, no timestamps, no seeking: a raw H.264 stream (8 s)
+        "raw": write_counter_video(d / "raw.h264", 200, fps=25, container_format="h264"),
+        "mkv": write_counter_video(d / "clip.mkv", 100, fps=25, gop=25, container_format="matroska"),
     }
 
 
@@ -144,6 +147,23 @@ def test_resize_and_frame_rate_change(videos, tmp_path):
 def test_output_size_is_even_and_keeps_the_aspect(videos, tmp_path):
     clip = cut_one(videos["plain"], (0.0, 0.4), tmp_path, resolution=33)
     assert (clip.width, clip.height) == (44, 34)  # 128x96 -> short side 33, made even
+
+
+def test_sources_without_duration_or_seeking(videos, tmp_path):
+    raw = videos["raw"]
+    whole = cut_one(raw, None, tmp_path, max_duration=10.0)
+    assert [c for _, c in decoded(whole.data)] == list(range(200)) and whole.end == pytest.approx(8.0)
+    span = cut_one(raw, (2.0, 4.0), tmp_path)  # cannot seek: read from the start, same frames
+    assert [c for _, c in decoded(span.data)] == list(range(50, 100))
+    too_long = cut_one(raw, None, tmp_path, max_duration=5.0)  # found out while decoding
+    assert isinstance(too_long, MediaError) and too_long.kind == "too_long"
+
+
+def test_h264_in_another_container_is_copied_into_mp4(videos, tmp_path):
+    clip = cut_one(videos["mkv"], (1.0, 3.0), tmp_path)
+    assert clip.method == "remux" and [c for _, c in decoded(clip.data)] == list(range(25, 75))
+    with av.open(io.BytesIO(clip.data)) as c:
+        assert c.format.name.startswith("mov,mp4")
 
 
 # -- frame sampling ------------------------------------------------------------------------------

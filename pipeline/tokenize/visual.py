@@ -81,6 +81,7 @@ class VisualTokenizeStage(Stage):
         self.info: Optional[ModelInfo] = None
         self.policy: Optional[ResolutionPolicy] = None
         self._fingerprint: Optional[dict] = None
+        self._on_cuda: Optional[bool] = None
         self._model: Optional[VisualModel] = None
         self._pool: Optional[ThreadPoolExecutor] = None
 
@@ -103,11 +104,13 @@ class VisualTokenizeStage(Stage):
 
     @property
     def on_cuda(self) -> bool:
-        if self.config.device != "auto":
-            return self.config.device == "cuda"
-        import torch
+        """Decided once, where the stage is built (the driver), and pickled with it: resources,
+        the fingerprint's dtype and the actors' device then always agree."""
+        if self._on_cuda is None:
+            import torch
 
-        return torch.cuda.is_available()
+            self._on_cuda = self.config.device == "cuda" or (self.config.device == "auto" and torch.cuda.is_available())
+        return self._on_cuda
 
     @property
     def resources(self) -> Resources:
