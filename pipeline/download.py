@@ -53,13 +53,14 @@ class ImageDownloadStage(Stage):
                     if not got.ok:
                         schema.mark(batch, i, got.error_kind, got.error_message or "")
                         return
-                    out = await loop.run_in_executor(self._pool, resize_image, got.body, self.resize_config)
-                    self._record(batch, i, got.body, out)
+                    digest, out = await loop.run_in_executor(self._pool, _hash_and_resize, got.body,
+                                                             self.resize_config)
+                    self._record(batch, i, digest, out)
 
             await asyncio.gather(*(one(i) for i in rows))
 
-    def _record(self, batch: Batch, i: int, body: bytes, out) -> None:
-        batch[schema.SHA256][i] = hashlib.sha256(body).hexdigest()  # of the original bytes, as published hashes are
+    def _record(self, batch: Batch, i: int, digest: str, out) -> None:
+        batch[schema.SHA256][i] = digest
         batch[schema.ORIGINAL_WIDTH][i] = out.original_width
         batch[schema.ORIGINAL_HEIGHT][i] = out.original_height
         if not out.ok:
@@ -69,3 +70,8 @@ class ImageDownloadStage(Stage):
         batch[schema.HEIGHT][i] = out.height
         batch[schema.STATUS][i] = schema.SUCCESS
         batch[schema.FILES][i][self.extension] = out.data
+
+
+def _hash_and_resize(body: bytes, config: ResizeConfig):
+    """Off the event loop: the sha256 of the original bytes (as published hashes are) and the resize."""
+    return hashlib.sha256(body).hexdigest(), resize_image(body, config)

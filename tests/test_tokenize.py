@@ -10,7 +10,7 @@ import torch
 from pipeline import schema
 from pipeline.config import ConfigError
 from pipeline.synthetic import make_pairs
-from pipeline.tokenize import ImageTokenizeConfig, TextTokenizeConfig, TextTokenizeStage, VisualTokenizeStage, build_tokenizers
+from pipeline.tokenize import VisualTokenizeStage, build_tokenizers
 from pipeline.tokenize.common import load_npy
 from pipeline.tokenize.visual import prepare, to_pixels
 from test_tokenize_fixtures import (TINY_VQ, encode_image, make_batch, random_image, save_tiny_chameleon,
@@ -190,8 +190,8 @@ def test_aspect_buckets_pick_the_closest_ratio_and_batch_by_size():
     batch = make_batch(files)
     stage = image_stage(TINY_VQ, resolution=64, policy="buckets", batch_size=2)
     stage(batch)
-    assert batch["image_policy"] == ["bucket:48x96", "bucket:88x48", "bucket:64x64", "bucket:48x96", "bucket:88x48"]
-    assert [load_npy(f["image_ids.npy"]).shape for f in batch["files"]] == [(6, 12), (11, 6), (8, 8), (6, 12), (11, 6)]
+    assert batch["image_policy"] == ["bucket:48x88", "bucket:88x48", "bucket:64x64", "bucket:48x88", "bucket:88x48"]
+    assert [load_npy(f["image_ids.npy"]).shape for f in batch["files"]] == [(6, 11), (11, 6), (8, 8), (6, 11), (11, 6)]
     assert all(h % 8 == 0 and w % 8 == 0 for h, w in stage.policy.buckets)
     assert stage.fingerprint()["preprocessing"]["policy"] == "buckets" and "grid" not in stage.fingerprint()
 
@@ -232,6 +232,13 @@ def test_stage_pickles_without_its_model():
     stage(a), clone(b)
     assert [f["image_ids.npy"] for f in a["files"]] == [f["image_ids.npy"] for f in b["files"]]
     assert stage.resources.gpus == 0 and stage.stateful
+
+    text = build_tokenizers({"text": {}})[0]
+    text.fingerprint()
+    clone = pickle.loads(pickle.dumps(text))
+    assert clone._tokenizer is None and not clone.stateful
+    batch = clone(make_batch([{}], ["a red circle"]))
+    assert load_npy(batch["files"][0]["text_ids.npy"]).tolist() == [49406, 320, 736, 7117, 49407]
 
 
 # -- other model classes -------------------------------------------------------------------------
@@ -310,3 +317,17 @@ def test_hub_id_resolves_through_the_hub_cache(tmp_path, monkeypatch):
     a, b = shapes_batch(2), shapes_batch(2)
     by_id(a), by_path(b)
     assert [f["image_ids.npy"] for f in a["files"]] == [f["image_ids.npy"] for f in b["files"]]
+
+
+@pytest.mark.parametrize("array", [np.arange(15, dtype=np.uint16), np.zeros((8, 8), np.uint16),
+                                   np.arange(512, dtype=np.int32).reshape(2, 16, 16), np.ones((4, 8, 8), np.float16),
+                                   np.zeros((0,), np.uint16), np.arange(6, dtype=">i4").reshape(3, 2).T])
+def test_npy_bytes_are_np_save_bytes(array):
+    import io
+
+    from pipeline.tokenize.common import npy_bytes
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array))
+    assert npy_bytes(array) == buf.getvalue()
+    np.testing.assert_array_equal(load_npy(npy_bytes(array)), array)

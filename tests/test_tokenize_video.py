@@ -64,6 +64,7 @@ def test_clip_ids_have_the_t_h_w_grid_and_equal_the_model(video_vq, clip, tmp_pa
     assert ids[0].dtype == np.uint16
     assert batch["image_policy"] == ["center_crop:32x32,frames:4"] * 2 + ["center_crop:32x32"]
     assert batch["image_grid"][:2] == ["2x16x16"] * 2
+    assert stage.fingerprint()["video_grid"] == [2, 16, 16] and stage.fingerprint()["temporal_factor"] == 2
 
     pixels = to_pixels([prepare(batch_files, stage.policy, FRAMES).pixels
                         for batch_files in ({"frames.npy": npy_bytes(clip)},)])

@@ -28,7 +28,8 @@ __all__ = ["build_tokenizers", "TokenizeConfig", "TextTokenizeConfig", "ImageTok
 def build_tokenizers(cfg: dict[str, Any], spec: Any = None, load: bool = True) -> list[Stage]:
     """The stages of a ``tokenize:`` section (text first, then image).
 
-    Options are validated either way. ``load=False`` stops there (no file or hub access);
+    ``spec`` (the job) is accepted for symmetry with ``build_filters``; the stages read what they
+    need from each sample's files. Options are validated either way. ``load=False`` stops there (no file or hub access);
     otherwise the visual checkpoint is resolved and the options that depend on it are checked,
     so a bad resolution or a missing model fails the job before any shard runs.
     """
@@ -37,7 +38,7 @@ def build_tokenizers(cfg: dict[str, Any], spec: Any = None, load: bool = True) -
     if text is not None:
         stages.append(TextTokenizeStage(text))
     if image is not None:
-        stages.append(VisualTokenizeStage(image, spec))
+        stages.append(VisualTokenizeStage(image))
     if load:
         for stage in stages:
             try:

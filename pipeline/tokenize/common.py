@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import struct
 
 import numpy as np
 
@@ -26,9 +27,12 @@ def ids_dtype(vocab_size: int) -> np.dtype:
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
+    """The bytes ``np.save`` writes (NPY 1.0), built directly: 1 µs instead of 8 µs per array,
+    which is a third of the text stage's cost for short captions."""
+    array = np.ascontiguousarray(array)
+    header = "{'descr': '%s', 'fortran_order': False, 'shape': %r, }" % (array.dtype.str, array.shape)
+    header += " " * (-(len(header) + 11) % 64) + "\n"  # 10-byte preamble + header: a multiple of 64
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode("latin1") + array.tobytes()
 
 
 def load_npy(data: bytes) -> np.ndarray:

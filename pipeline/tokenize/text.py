@@ -170,6 +170,7 @@ class TextTokenizeStage(Stage):
         return self._fingerprint
 
     def __call__(self, batch: Batch) -> Batch:
+        self.setup()  # no-op once loaded; a stage unpickled in a worker loads here
         fp_id = self.fingerprint()["id"]
         rows = schema.alive(batch)
         texts = [_text(batch[schema.CAPTION][i]) for i in rows]

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 TINY_CONFIG = dict(
     codebook_size=512, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 1, 1, 2],
@@ -36,10 +37,8 @@ TRAIN_SEED, HELDOUT_SEED = 0, 1  # disjoint synthetic sets: held-out images are 
 class TrainConfig:
     size: int = 64
     n_train: int = 4096
-    batch_size: int = 16
-    steps: int = 1200
-    crop_steps: int = 900         # steps on random 32x32 crops first: 4x cheaper, same pixel scale
-    crop: int = 32
+    batch_size: int = 8
+    steps: int = 2500
     warmup_steps: int = 150       # plain autoencoder before the codebook exists
     lr: float = 2e-3
     beta: float = 0.25            # commitment weight
@@ -54,12 +53,6 @@ def synthetic_images(n: int, seed: int, size: int = 64, start: int = 0) -> torch
 
     arrays = [np.asarray(image.convert("RGB")) for image, _ in make_pairs(n, seed=seed, size=size, start=start)]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def random_crops(images: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
-    """One random ``size`` x ``size`` crop of the batch (the same offset for all: one tensor)."""
-    y, x = (int(v) for v in torch.randint(images.shape[-1] - size + 1, (2,), generator=g))
-    return images[..., y: y + size, x: x + size]
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -175,8 +168,6 @@ def train(out: Path, config: TrainConfig, log=lambda msg: print(msg, flush=True)
     g = torch.Generator().manual_seed(config.seed)
     for step in range(config.steps):
         batch = images[torch.randint(len(images), (config.batch_size,), generator=g)]
-        if step < config.crop_steps:
-            batch = random_crops(batch, config.crop, g)
         if step == config.warmup_steps:
             trainer.init_codebook(images[torch.randint(len(images), (64,), generator=g)])
         quantise = step >= config.warmup_steps
@@ -189,10 +180,11 @@ def train(out: Path, config: TrainConfig, log=lambda msg: print(msg, flush=True)
                 f"({time.time() - start:.0f}s)")
         elif (step + 1) % config.restart_every == 0:
             log(f"step {step + 1}/{config.steps} loss {loss:.4f} ({time.time() - start:.0f}s)")
-    model.eval()
-    metrics = evaluate(model, held_out)
+    save(model.eval(), out)
+    # Measure what was saved, loaded the way users load it (float16 weights, float32 compute).
+    metrics = evaluate(Emu3VQVAE.from_pretrained(out), held_out)
     metrics.update(train_seconds=round(time.time() - start, 1), train=asdict(config))
-    save(model, out, metrics)
+    write_card(out, metrics)
     log(json.dumps(metrics, indent=1))
     return metrics
 
@@ -211,11 +203,21 @@ def evaluate(model, held_out: torch.Tensor) -> dict:
     }
 
 
-def save(model, out: Path, metrics: dict) -> None:
+def save(model, out: Path) -> None:
+    """Weights in float16 (half the bytes in git) with ``dtype: float32`` in config.json, so that
+    ``from_pretrained`` gives a float32 model that runs on any CPU."""
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model.half().save_pretrained(out)
+    model.float()
+    config = json.loads((out / "config.json").read_text())
+    config["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_card(out: Path, metrics: dict) -> None:
     (out / "training.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    (out / "README.md").write_text(MODEL_CARD.format(**metrics, params=sum(p.numel() for p in model.parameters())))
+    params = sum(t.numel() for t in load_file(out / "model.safetensors").values())
+    (out / "README.md").write_text(MODEL_CARD.format(**metrics, params=params))
 
 
 MODEL_CARD = """# tiny-vq
@@ -225,6 +227,7 @@ A tiny image tokenizer for mmcurate's demo and tests: transformers' `Emu3VQVAE` 
 seed 0) by `python -m pipeline.tokenize.tiny_vq --out models/tiny-vq` ({train_seconds:.0f} s on CPU).
 
 - input: 64x64 RGB in [-1, 1]; output: an 8x8 grid of ids from a 512-code codebook
+- weights stored in float16 (config `dtype: float32`: they load as float32)
 - load: `Emu3VQVAE.from_pretrained("models/tiny-vq")`, or `tokenize.image.model: models/tiny-vq`
 
 Held-out reconstruction ({heldout_images} images of seed {heldout_seed}; `training.json`):
@@ -243,10 +246,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("models/tiny-vq"))
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--crop-steps", type=int, default=TrainConfig.crop_steps)
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
     args = parser.parse_args(argv)
-    train(args.out, TrainConfig(steps=args.steps, crop_steps=args.crop_steps, threads=args.threads))
+    train(args.out, TrainConfig(steps=args.steps, threads=args.threads))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 from .. import schema
 from ..config import ConfigError
 from ..stage import Batch, Resources, Stage
-from .checkpoint import Checkpoint, resolve_checkpoint, root_config
+from .checkpoint import Checkpoint, resolve_checkpoint
 from .common import FORMAT_VERSION, npy_bytes, with_id
 from .config import ImageTokenizeConfig
 from .media import read_media
@@ -74,9 +74,8 @@ class VisualTokenizeStage(Stage):
     name = "tokenize_image"
     stateful = True
 
-    def __init__(self, config: ImageTokenizeConfig, spec: Any = None):
+    def __init__(self, config: ImageTokenizeConfig):
         self.config = config
-        self.spec = spec
         self.checkpoint: Optional[Checkpoint] = None
         self.info: Optional[ModelInfo] = None
         self.policy: Optional[ResolutionPolicy] = None
@@ -142,6 +141,7 @@ class VisualTokenizeStage(Stage):
             if c.policy == "center_crop":
                 side = c.resolution // info.spatial_factor
                 fp["grid"] = [side, side]
+                fp["video_grid"] = [c.frames // info.temporal_factor, side, side]
             self._fingerprint = with_id(fp)
         return self._fingerprint
 
