@@ -20,7 +20,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -90,32 +89,21 @@ def run_mmcurate(urls: Path, out: Path, engine: str, cores: int) -> dict:
 
 
 def memory_flatness(work: Path, rows_list: list[int], cores: int) -> list[dict]:
-    """Peak RSS of a local run over N rows of small images (no latency): memory must not grow with N."""
+    """Peak RSS of a local run over N rows of one small image (no latency): it must not grow with N."""
     buf = io.BytesIO()
     Image.new("RGB", (96, 96), (120, 30, 200)).save(buf, "JPEG")
     results = []
-    with LocalServer({f"img/0/{i}.jpg": buf.getvalue() for i in range(1)}) as server:
-        server.files = _AnyPath(buf.getvalue())
+    with LocalServer({"img/0/0.jpg": buf.getvalue()}) as server:
         for rows in rows_list:
             urls = work / f"mem{rows}.parquet"
-            write_urls(urls, server, rows, 1)
+            pq.write_table(pa.table({"url": [server.url("img/0/0.jpg")] * rows,
+                                     "caption": [f"image {i}" for i in range(rows)]}), urls)
             out = work / f"mem{rows}"
             job = mmcurate_job(urls, out, "local", cores, per_shard=1000, size=64)
             wall, rss = peak_rss_run(MMCURATE + ["run", str(job), "--no-progress"])
             results.append({"rows": rows, "seconds": round(wall, 1), "ok": successes(out), "peak_rss_mib": rss})
             shutil.rmtree(out)
     return results
-
-
-class _AnyPath(dict):
-    """Serve the same body for every path (the memory runs need many URLs, not many images)."""
-
-    def __init__(self, body: bytes) -> None:
-        super().__init__()
-        self.body = body
-
-    def get(self, key, default=None):
-        return self.body
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional
 
 from pipeline import schema
 from pipeline.config import ConfigError
+from pipeline.reader import undecodable_to_bytes
 
 from .card import TIME_COLUMNS, Card, Reader
 from .locate import resolve_files
@@ -114,7 +115,7 @@ class ReadPlan:
                 values = chunk.get(path.column, [None] * n)
             else:
                 rows = rows if rows is not None else _row_dicts(chunk, n)
-                values = [_clean(path.resolve(r)) for r in rows]
+                values = [undecodable_to_bytes(path.resolve(r)) for r in rows]
             self._put(out, name, list(values))
         if INVALID in chunk:
             out[INVALID] = chunk[INVALID]
@@ -146,13 +147,13 @@ class ReadPlan:
                     out[INVALID].append(problem)
                     continue
                 for name, path in self.columns.items():
-                    value = _clean(path.resolve(element))
+                    value = undecodable_to_bytes(path.resolve(element))
                     if name in raw:
                         raw[name].append(value)
                     else:
                         out[name].append(value)
                 for name, path in self.extras.items():
-                    out[name].append(_clean(path.resolve(element)))
+                    out[name].append(undecodable_to_bytes(path.resolve(element)))
                 out[INVALID].append(None)
         for name, values in raw.items():
             self._put(out, name, values)
@@ -240,16 +241,6 @@ def _split_spans(values: list) -> tuple[list, list]:
 def _expand(template: str, value: Any) -> Any:
     if isinstance(value, str) and value.strip() and "://" not in value:
         return template.format(value.strip())
-    return value
-
-
-def _clean(value: Any) -> Any:
-    """Strings with undecodable bytes (surrogate-escaped) become bytes, as top-level values do."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return value.encode("utf-8", "surrogateescape")
     return value
 
 

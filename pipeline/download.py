@@ -4,35 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
 
 from . import schema
 from .fetch import FetchConfig, Fetcher
 from .resize import ResizeConfig, encode_extension, resize_image
-from .stage import Batch, Resources, Stage
+from .stage import Batch, ThreadPoolStage
 
 
-class ImageDownloadStage(Stage):
+class ImageDownloadStage(ThreadPoolStage):
     name = "download"
 
     def __init__(self, spec) -> None:
+        super().__init__(spec.execution.cpus_per_task)
         self.fetch_config = FetchConfig.from_spec(spec.download)
         self.resize_config = ResizeConfig.from_spec(spec.download)
         self.extension = encode_extension(self.resize_config)
-        self.cpus = spec.execution.cpus_per_task
-        self._pool: Optional[ThreadPoolExecutor] = None
-
-    @property
-    def resources(self) -> Resources:
-        return Resources(cpus=self.cpus)
-
-    def setup(self) -> None:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.cpus, thread_name_prefix="resize")
-
-    def __getstate__(self) -> dict:  # thread pools do not travel to Ray workers
-        return {**self.__dict__, "_pool": None}
 
     def __call__(self, batch: Batch) -> Batch:
         self.setup()

@@ -51,7 +51,7 @@ def expand_files(files: list[str]) -> list[str]:
     return out
 
 
-def _clean(value: Any) -> Any:
+def undecodable_to_bytes(value: Any) -> Any:
     """Strings holding undecodable bytes (surrogate-escaped) go back to bytes: flagged later."""
     if isinstance(value, str):
         try:
@@ -95,7 +95,7 @@ def _delimited_rows(f, delimiter: str, header: bool, names: Optional[list[str]])
         if not fields:
             continue
         cols = names or [f"col{i}" for i in range(len(fields))]
-        yield {n: _clean(v) if v != "" else None for n, v in zip(cols, fields)}
+        yield {n: undecodable_to_bytes(v) if v != "" else None for n, v in zip(cols, fields)}
 
 
 def _jsonl_rows(f) -> Iterator[dict]:
@@ -110,7 +110,7 @@ def _jsonl_rows(f) -> Iterator[dict]:
         if not isinstance(obj, dict):
             yield {"_invalid": f"line {n}: expected a JSON object"}
             continue
-        yield {k: _clean(v) for k, v in obj.items()}
+        yield {k: undecodable_to_bytes(v) for k, v in obj.items()}
 
 
 def _txt_rows(f, names: Optional[list[str]]) -> Iterator[dict]:
@@ -118,7 +118,7 @@ def _txt_rows(f, names: Optional[list[str]]) -> Iterator[dict]:
     for line in _text_lines(f):
         line = line.strip()
         if line:
-            yield {name: _clean(line)}
+            yield {name: undecodable_to_bytes(line)}
 
 
 def iter_records(path: str, fmt: Optional[str] = None, *, header: bool = True, names: Optional[list[str]] = None,

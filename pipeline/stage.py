@@ -5,8 +5,9 @@ A stage is a small class with a config, ``setup()`` (load models once per worker
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 Batch = dict[str, list]
 
@@ -60,6 +61,26 @@ class Stage:
         """What identifies this stage's outputs (model class, weights hash, preprocessing); stored
         in the manifest and in each sample's json so trainers can refuse mismatched shards."""
         return None
+
+
+class ThreadPoolStage(Stage):
+    """A stage whose CPU work (decode, resize, cut: C code that releases the GIL) runs on one
+    thread per CPU it was given. The pool is made per worker and never pickled."""
+
+    def __init__(self, cpus: int) -> None:
+        self.cpus = cpus
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=self.cpus)
+
+    def setup(self) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.cpus, thread_name_prefix=self.name)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}
 
 
 @dataclass

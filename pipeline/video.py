@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -32,7 +31,7 @@ from yarl import URL
 
 from . import schema
 from .fetch import FetchConfig, Fetcher, FetchResult, ForbiddenAddress
-from .stage import Batch, Resources, Stage
+from .stage import Batch, ThreadPoolStage
 from .video_cut import Clip, CutConfig, MediaError, SourceInfo, Span, npy_bytes, probe_file, try_cut_clip
 
 TMP_PREFIX = "mmcurate-video-"  # + pid: lets a later run delete what a killed one left
@@ -41,33 +40,21 @@ VIDEO_COLUMNS = ("clip_start", "clip_end", "duration", "fps", "frame_count", "co
                  "source_duration", "source_fps", "source_codec")
 
 
-class VideoDownloadStage(Stage):
+class VideoDownloadStage(ThreadPoolStage):
     name = "download"
 
     def __init__(self, spec) -> None:
+        super().__init__(spec.execution.cpus_per_task)
         self.video = spec.video
         self.fetch_config = dataclasses.replace(FetchConfig.from_spec(spec.download), media="video",
                                                 concurrency=spec.video.concurrency)
         self.cut_config = CutConfig.from_spec(spec)
-        self.cpus = spec.execution.cpus_per_task
         self.ytdlp = None
         if spec.video.backend == "yt-dlp":
             from .video_ytdlp import YtdlpOptions, require_ytdlp
 
             require_ytdlp()  # fail at job start, not in every sample
             self.ytdlp = YtdlpOptions.from_spec(spec)
-        self._pool: Optional[ThreadPoolExecutor] = None
-
-    @property
-    def resources(self) -> Resources:
-        return Resources(cpus=self.cpus)
-
-    def setup(self) -> None:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.cpus, thread_name_prefix="video-cut")
-
-    def __getstate__(self) -> dict:  # thread pools do not travel to Ray workers
-        return {**self.__dict__, "_pool": None}
 
     def __call__(self, batch: Batch) -> Batch:
         self.setup()
