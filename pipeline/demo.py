@@ -23,6 +23,7 @@ from .inspection import render, summarize
 from .job import run_job
 from .serve import LocalServer
 from .spec import load_job
+from .writer import read_status_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_JOB = ROOT / "jobs" / "demo.yaml"
@@ -38,9 +39,9 @@ def demo_data(n: int = N_IMAGES, seed: int = 0) -> tuple[dict[str, bytes], list[
     files: dict[str, bytes] = {}
     rows: list[dict[str, Any]] = []
     for i, (image, caption) in enumerate(pairs):
-        w, h = rng.choice([(96, 96), (128, 96), (96, 128), (160, 120)])
+        side = rng.choice([80, 96, 128, 160])  # square: a centre crop must not cut the shape's position off
         buf = io.BytesIO()
-        image.resize((w, h)).save(buf, "JPEG", quality=92)
+        image.resize((side, side)).save(buf, "JPEG", quality=92)
         path = f"img/{i:05d}.jpg"
         truth = "matched"
         if i > 10 and rng.random() < DUPLICATES:
@@ -76,18 +77,21 @@ def stream_back(out_dir: Path, batches: int = 3) -> list[str]:
                                                  "image_ids": "image_ids.npy", "caption": "txt"},
                            batch_size=16, shuffle=True, seed=0)
     lines = [f"loader: {dataset.num_samples} samples in {dataset.num_batches} batches of 16 per epoch"]
+    def shape(value: Any) -> str:  # variable-length fields (text ids) come as lists of tensors
+        return str(tuple(value.shape)) if hasattr(value, "shape") else f"{len(value)} x variable length"
+
     for n, batch in enumerate(Loader(dataset, num_workers=0)):
         if n == batches:
             break
-        lines.append(f"  batch {n}: image {tuple(batch['image'].shape)} {batch['image'].dtype}, "
-                     f"text_ids {tuple(batch['text_ids'].shape)}, image_ids {tuple(batch['image_ids'].shape)} "
-                     f"{batch['image_ids'].dtype}; e.g. {batch['caption'][0]!r}")
+        lines.append(f"  batch {n}: image {shape(batch['image'])} {batch['image'].dtype}, text_ids "
+                     f"{shape(batch['text_ids'])}, image_ids {shape(batch['image_ids'])} {batch['image_ids'].dtype}; "
+                     f"e.g. {batch['caption'][0]!r}")
     return lines
 
 
 def filter_quality(out_dir: Path, rows: list[dict[str, Any]], urls: list[str]) -> list[str]:
     """How the filters did against what the demo knows about each row."""
-    table = pa.concat_tables(pq.read_table(p) for p in sorted(out_dir.glob("*.parquet"))).to_pydict()
+    table = read_status_tables(out_dir, ["url", "status", "error_kind"]).to_pydict()
     truth = {u: r["truth"] for u, r in zip(urls, rows)}
     lines = []
     for kind, label in (("mismatched", "mismatched captions"), ("duplicate", "duplicate images"),

@@ -169,14 +169,14 @@ class RayExecutor:
         actors: dict[int, list] = {}
         load: collections.Counter = collections.Counter()  # actor -> calls in flight
         owner: dict[Any, Any] = {}  # ref -> the actor computing it
-        for n, (kind, group) in enumerate(steps):
-            if kind == "task":
-                continue
-            res = group[0].resources
-            cls = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus)(_StageActor)
-            count = 1 if kind == "ordered" else self._pool_size(res)
-            actors[n] = [cls.remote(group[0]) for _ in range(count)]
         task_cpus = max(max((s.resources.cpus for _, g in steps for s in g if _ == "task"), default=1), 0.5)
+        pools = {n: (group[0], 1 if kind == "ordered" else self._pool_size(group[0].resources))
+                 for n, (kind, group) in enumerate(steps) if kind != "task"}
+        cpu_scale = self._actor_cpu_scale(pools.values(), task_cpus)
+        for n, (stage, count) in pools.items():
+            res = stage.resources
+            cls = ray.remote(num_cpus=res.cpus * cpu_scale, num_gpus=res.gpus)(_StageActor)
+            actors[n] = [cls.remote(stage) for _ in range(count)]
         task = ray.remote(_task_step).options(num_cpus=task_cpus, max_retries=1)
         writer = ray.remote(write_payload).options(num_cpus=0, max_retries=3)
         window = self.spec.execution.max_shards_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 2) // task_cpus))
@@ -275,6 +275,21 @@ class RayExecutor:
         for pool in actors.values():
             for a in pool:
                 ray.kill(a)
+
+    @staticmethod
+    def _actor_cpu_scale(pools, task_cpus: float) -> float:
+        """Long-lived actors must leave room for at least one download task, or nothing would run
+        (on a small machine, three model actors of 1 CPU each would hold every CPU forever). Their
+        CPU requests shrink to fit; Ray does not cap the CPU a process really uses."""
+        import ray
+
+        wanted = sum(stage.resources.cpus * count for stage, count in pools)
+        room = max(ray.cluster_resources().get("CPU", 1) - task_cpus, 0.0)
+        if wanted <= room:
+            return 1.0
+        log.warning("model and ordered stages ask for %.1f CPUs; %.1f are left after one download task: "
+                    "their CPU requests are scaled down to fit", wanted, room)
+        return room / wanted
 
     def _pool_size(self, res) -> int:
         import ray

@@ -172,3 +172,13 @@ def write_index(out_dir: str | Path, name: str) -> dict[str, Any]:
     index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": name, "shardlist": shardlist}
     atomic_write(out_dir / "index.json", json.dumps(index, indent=1).encode())
     return index
+
+
+def read_status_tables(out_dir: str | Path, columns: Optional[list[str]] = None) -> pa.Table:
+    """Every shard's status table as one table. A shard where no row reached a stage lacks that
+    stage's columns; they are filled with nulls."""
+    tables = []
+    for path in sorted(Path(out_dir).glob("[0-9]*.parquet")):
+        present = pq.read_schema(path).names
+        tables.append(pq.read_table(path, columns=[c for c in columns if c in present] if columns else None))
+    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
