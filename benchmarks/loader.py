@@ -28,21 +28,16 @@ Samples/s are medians over the repeats (each repeat is one full epoch, worker st
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Import from the repository root, not from benchmarks/ (Python puts the script's folder first on
-# sys.path, and a benchmark module named like a stdlib one, e.g. tokenize.py, would shadow it).
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import io
 import json
 import multiprocessing as mp
 import os
 import statistics
+import sys
 import tarfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np

@@ -27,25 +27,20 @@ Without the peer venv (or when video2dataset cannot run), only mmcurate and the 
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
-# Run as a script, this folder would come first on sys.path, and a sibling benchmark named like a
-# standard module (tokenize.py) would shadow it: put the repository root there instead.
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+import yaml
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-
-import yaml  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PEER_VENV = ROOT / ".benchvenv-v2d"
 PEER_PY = PEER_VENV / "bin" / "python"
