@@ -203,7 +203,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=None, help="timed batches; default: 20 on cuda, 3 on cpu")
     p.add_argument("--resolution", type=int, default=None, help="default: 256 on cuda, 128 on cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--decode-threads", type=int, default=4)
+    p.add_argument("--decode-threads", type=int, default=None, help="default: the stage's (4 on cuda, 1 on cpu)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--captions", type=int, default=20_000)
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs of each measurement")

@@ -331,3 +331,10 @@ def test_npy_bytes_are_np_save_bytes(array):
     np.save(buf, np.ascontiguousarray(array))
     assert npy_bytes(array) == buf.getvalue()
     np.testing.assert_array_equal(load_npy(npy_bytes(array)), array)
+
+
+def test_ids_dtype_follows_the_vocabulary_size():
+    from pipeline.tokenize.common import ids_dtype
+
+    assert ids_dtype(512) == np.uint16 and ids_dtype(65536) == np.uint16  # ids 0..65535
+    assert ids_dtype(65537) == np.int32 and ids_dtype(151_643 + 32_768) == np.int32

@@ -58,14 +58,15 @@ class ImageTokenizeConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     num_gpus: float = 1.0                       # per actor, when on CUDA
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # CUDA autocast; CPU runs float32
-    decode_threads: int = 4                     # image/video decoding overlapped with the model
+    decode_threads: Optional[int] = None        # decoding overlapped with the model; default 4 on
+                                                # CUDA, 1 on CPU (more fight torch for the cores)
     prefetch_batches: int = 2                   # decoded batches kept ready ahead of the model
 
     def validate(self) -> None:
         if not self.model:
             raise ConfigError("model: must not be empty")
         for name in ("resolution", "frames", "batch_size", "decode_threads", "prefetch_batches"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.num_gpus < 0:
             raise ConfigError(f"num_gpus: must be >= 0, got {self.num_gpus}")

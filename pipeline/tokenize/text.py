@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -31,7 +31,7 @@ class TextTokenizer:
 
     kind: str
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
+    def encode(self, texts: list[str]) -> list[Sequence[int]]:
         raise NotImplementedError
 
     @property
@@ -54,12 +54,10 @@ class OpenClipTokenizer(TextTokenizer):
                               "give its hub id or a local copy instead")
         self.context_length = context_length
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        eot = self.tokenizer.eot_token_id
-        out = []
-        for row in self.tokenizer(texts, context_length=self.context_length).tolist():
-            out.append(row[: row.index(eot) + 1])
-        return out
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        ids = self.tokenizer(texts, context_length=self.context_length).numpy()
+        ends = (ids == self.tokenizer.eot_token_id).argmax(axis=1) + 1  # one end token per row
+        return [row[:end] for row, end in zip(ids, ends)]  # views: no Python list of ints
 
     @property
     def vocab_size(self) -> int:

@@ -55,7 +55,8 @@ def to_pixels(arrays: list[np.ndarray], device: Any = "cpu"):
     x = torch.from_numpy(np.stack(arrays))
     if torch.device(device).type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
-    return x.permute(0, 1, 4, 2, 3).float().div_(127.5).sub_(1.0)
+    # contiguous, as a user's tensor would be: a channels-last view may pick other conv kernels
+    return x.permute(0, 1, 4, 2, 3).contiguous().float().div_(127.5).sub_(1.0)
 
 
 def prefetch(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator[tuple[Any, Future]]:
@@ -152,7 +153,10 @@ class VisualTokenizeStage(Stage):
         self.fingerprint()
         device = torch.device("cuda" if self.on_cuda else "cpu")
         self._model = MODELS[self.info.cls](self.info, self.checkpoint, device, self.config.latents)
-        self._pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="tokenize-decode")
+        # On CPU the model's own threads use the cores; several decode threads preempting them
+        # cost the model ~20% (benchmarks/tokenization.py), one keeps decoding off its path.
+        threads = self.config.decode_threads or (4 if self.on_cuda else 1)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenize-decode")
 
     def __call__(self, batch: Batch) -> Batch:
         if self._model is None:
