@@ -167,7 +167,7 @@ class RayExecutor:
         steps = self._steps(stages)
         token = uuid.uuid4().hex
         actors: dict[int, list] = {}
-        load: collections.Counter = collections.Counter()  # actor -> calls in flight
+        busy: collections.Counter = collections.Counter()  # actor -> calls in flight
         owner: dict[Any, Any] = {}  # ref -> the actor computing it
         task_cpus = max(max((s.resources.cpus for _, g in steps for s in g if _ == "task"), default=1), 0.5)
         pools = {n: (group[0], 1 if kind == "ordered" else self._pool_size(group[0].resources))
@@ -197,8 +197,8 @@ class RayExecutor:
                 if kind == "task":
                     ref = task.remote(f"{token}:{n}", group, payload)
                 else:
-                    actor = min(actors[n], key=lambda a: load[a])
-                    load[actor] += 1
+                    actor = min(actors[n], key=lambda a: busy[a])
+                    busy[actor] += 1
                     ref = actor.run.remote(payload)
                     owner[ref] = actor
             pending[ref] = (shard, n, attempt)
@@ -256,7 +256,7 @@ class RayExecutor:
             shard, n, attempt = pending.pop(ref)
             actor = owner.pop(ref, None)
             if actor is not None:
-                load[actor] -= 1
+                busy[actor] -= 1
             if n < len(steps):
                 advance(shard, n, attempt, ref)
                 continue

@@ -111,7 +111,7 @@ class Job:
             return {}
         manifest = json.loads(self.manifest_path.read_text())
         before, now = manifest.get("job", {}), self.spec.to_dict()
-        changed = [k for k in OUTPUT_DEFINING + ("output",) if k != "output" and before.get(k) != now.get(k)]
+        changed = [k for k in OUTPUT_DEFINING if before.get(k) != now.get(k)]
         if before.get("output", {}).get("samples_per_shard") != now["output"]["samples_per_shard"]:
             changed.append("output.samples_per_shard")
         if changed:

@@ -348,8 +348,6 @@ def _from_keyframe(demux, start_limit: int):
 
 def _reencode(path, info: SourceInfo, start: float, end: float, config: CutConfig, out_path: Path) -> Clip:
     """Decode from the keyframe before ``start``, resample to the output rate, resize, encode."""
-    import av
-
     rate = Fraction(config.fps).limit_denominator(1001) if config.fps else info.fps
     step, src_half = 1 / float(rate), 0.5 / float(info.fps)
     width, height = output_size(info.width, info.height, config.resolution)
