@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,7 +185,3 @@ def _validate_stages(spec: JobSpec) -> None:
         from .tokenize import build_tokenizers
 
         build_tokenizers(spec.tokenize, spec, load=False)
-
-
-def replace(spec: JobSpec, **changes: Any) -> JobSpec:
-    return dataclasses.replace(spec, **changes)
