@@ -28,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import schema, synthetic  # noqa: E402
+from pipeline.core import schema
+from pipeline.testing import synthetic
 
 
 def textured(image, rng: np.random.Generator, sigma: float):

@@ -60,7 +60,7 @@ def make_jpegs(n: int = 300, seed: int = 0, min_side: int = 320, max_side: int =
 
 def _ours() -> Callable[[bytes], bool]:
     sys.path.insert(0, str(ROOT))
-    from pipeline.resize import ResizeConfig, resize_image
+    from pipeline.media.resize import ResizeConfig, resize_image
 
     config = ResizeConfig(**SETTINGS)
     return lambda data: resize_image(data, config).ok

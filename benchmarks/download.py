@@ -30,7 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_limit import make_jpegs, measure  # noqa: E402
 
-from pipeline.serve import LocalServer  # noqa: E402
+from pipeline.testing.serve import LocalServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_BIN = ROOT / ".benchvenv" / "bin" / "img2dataset"

@@ -42,8 +42,9 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline import schema, writer  # noqa: E402
-from pipeline.loader import Loader, ShardDataset  # noqa: E402
+from pipeline.core import schema
+from pipeline.sinks import webdataset as writer
+from pipeline.loader.dataset import Loader, ShardDataset  # noqa: E402
 
 IMAGE_FIELDS = ("jpg", "txt")
 TOKEN_FIELDS = ("text_ids.npy", "image_ids.npy")
@@ -191,7 +192,7 @@ def run_ipc_ceiling(out: Path, fields: tuple[str, ...], workers: int, batch_size
     import torch
     from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-    from pipeline.loader import batch_tensor
+    from pipeline.loader.dataset import batch_tensor
 
     n = total_samples(out)
     template = next(iter(ShardDataset(str(out), fields=list(fields), batch_size=batch_size)))

@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import schema  # noqa: E402
-from pipeline.synthetic import make_pairs  # noqa: E402
-from pipeline.tokenize import build_tokenizers  # noqa: E402
+from pipeline.core import schema
+from pipeline.testing.synthetic import make_pairs  # noqa: E402
+from pipeline.tokenize import build_tokenizers
 
 PRESETS = {
     # The released Emu3 vision tokenizer's shape (Emu3VQVAEConfig defaults).

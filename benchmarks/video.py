@@ -108,7 +108,7 @@ def peer_available() -> tuple[bool, str]:
 
 # -- the workload --------------------------------------------------------------------------------
 def make_sources(work: Path, distinct: int, seconds: float) -> list[bytes]:
-    from pipeline.video_synth import write_counter_video
+    from pipeline.testing.video_synth import write_counter_video
 
     return [write_counter_video(work / f"src{i}.mp4", int(seconds * 25), fps=25, width=640, height=360,
                                 gop=25, bframes=3).read_bytes() for i in range(distinct)]
@@ -126,8 +126,8 @@ def run_mmcurate(work: Path, jobs: list[tuple[str, list]], mode: str) -> tuple[i
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.job import run_job
-    from pipeline.spec import load_job
+    from pipeline.job.runner import run_job
+    from pipeline.job.spec import load_job
 
     rows = [(url, s, e) for url, spans in jobs for s, e in spans]
     table = work / f"mm-{mode}.parquet"
@@ -215,7 +215,7 @@ def main() -> None:
         return
     if shutil.which("ffmpeg") is None:
         sys.exit("the ffmpeg CLI is needed for the baseline: apt-get install -y ffmpeg")
-    from pipeline.serve import LocalServer
+    from pipeline.testing.serve import LocalServer
 
     peer, why = (False, "skipped") if args.skip_peer else peer_available()
     work = Path(tempfile.mkdtemp(prefix="mmcurate-bench-video-"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, from_dict
+from pipeline.core.config import ConfigError, from_dict
 
 from .card import COLUMNS, Card, normalise
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal, Optional
 
-from pipeline.config import ConfigError, from_dict
+from pipeline.core.config import ConfigError, from_dict
 
 from .rowpath import compile_path
 

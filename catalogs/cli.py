@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError
+from pipeline.core.config import ConfigError
 
 from . import all_cards, load_card
 from .card import Card, normalise

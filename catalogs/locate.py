@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from pipeline.config import ConfigError
+from pipeline.core.config import ConfigError
 
 from .card import Card
 

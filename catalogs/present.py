@@ -5,7 +5,7 @@ import re
 import textwrap
 from typing import Any, Optional
 
-from pipeline.config import ConfigError, to_dict
+from pipeline.core.config import ConfigError, to_dict
 
 from .card import COLUMNS, REQUIRED_FACTS, Card, fact_value
 from .suggest import job_file, job_spec, run_line

@@ -21,9 +21,9 @@ import ast
 import json
 from typing import Any, Iterator, Optional
 
-from pipeline import schema
-from pipeline.config import ConfigError
-from pipeline.reader import undecodable_to_bytes
+from pipeline.core import schema
+from pipeline.core.config import ConfigError
+from pipeline.sources.reader import undecodable_to_bytes
 
 from .card import TIME_COLUMNS, Card, Reader
 from .locate import resolve_files
@@ -36,7 +36,7 @@ INVALID = "_invalid"
 def read_rows(card: Card, files: list[str], input_spec: Any = None,
               batch_rows: int = 8192) -> Iterator[dict[str, list]]:
     """Stream normalised column chunks of ``files`` read with ``card``'s layout and column map."""
-    from pipeline.reader import iter_records
+    from pipeline.sources.reader import iter_records
 
     plan = ReadPlan(card, input_spec)
     fmt = getattr(input_spec, "format", None) or card.metadata.format

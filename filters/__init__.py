@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import ConfigError
-from pipeline.stage import Stage
+from pipeline.core.config import ConfigError
+from pipeline.core.stage import Stage
 
 from .aspect_ratio import AspectRatioFilter
 from .base import Filter

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from pipeline import schema
-from pipeline.config import ConfigError
-from pipeline.stage import Batch
+from pipeline.core import schema
+from pipeline.core.config import ConfigError
+from pipeline.core.stage import Batch
 
 from .base import Filter
 from .image_size import Which, dimensions

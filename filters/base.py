@@ -5,10 +5,10 @@ from __future__ import annotations
 import typing
 from typing import Any, ClassVar, Optional
 
-from pipeline import schema
-from pipeline.config import from_dict, to_dict
-from pipeline.spec import DownloadSpec
-from pipeline.stage import Batch, Stage
+from pipeline.core import schema
+from pipeline.core.config import from_dict, to_dict
+from pipeline.job.spec import DownloadSpec
+from pipeline.core.stage import Batch, Stage
 
 # The image of a row is stored under the download stage's encode_format extension.
 IMAGE_EXTS: tuple[str, ...] = typing.get_args(typing.get_type_hints(DownloadSpec)["encode_format"])

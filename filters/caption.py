@@ -6,9 +6,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline import schema
-from pipeline.config import ConfigError
-from pipeline.stage import Batch
+from pipeline.core import schema
+from pipeline.core.config import ConfigError
+from pipeline.core.stage import Batch
 
 from .base import Filter
 

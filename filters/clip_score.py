@@ -18,9 +18,9 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 
-from pipeline import schema
-from pipeline.config import ConfigError, from_dict
-from pipeline.stage import Batch, JobContext, Resources
+from pipeline.core import schema
+from pipeline.core.config import ConfigError, from_dict
+from pipeline.core.stage import Batch, JobContext, Resources
 
 from .base import Filter, alive_with_image
 from .clip_model import RANDOM_WEIGHTS, absolute_if_path, file_digest, is_config_path

@@ -12,8 +12,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline import schema
-from pipeline.stage import Batch
+from pipeline.core import schema
+from pipeline.core.stage import Batch
 
 from .base import Filter, image_of
 

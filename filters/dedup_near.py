@@ -19,9 +19,9 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline import schema
-from pipeline.config import ConfigError
-from pipeline.stage import Batch
+from pipeline.core import schema
+from pipeline.core.config import ConfigError
+from pipeline.core.stage import Batch
 
 from .base import Filter, alive_with_image
 from .perceptual import BITS, HASHES, HammingIndex

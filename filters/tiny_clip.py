@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import synthetic
+from pipeline.testing import synthetic
 
 MODEL_NAME = "tiny-clip"
 BPE_FILE = "bpe.txt.gz"

@@ -93,9 +93,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from PIL import Image
 
-from pipeline.fetch import FetchConfig
-from pipeline.schema import FAILED_TO_DECODE, FAILED_TO_DOWNLOAD, SUCCESS
-from pipeline.serve import LocalServer
+from pipeline.fetch.client import FetchConfig
+from pipeline.core.schema import FAILED_TO_DECODE, FAILED_TO_DOWNLOAD, SUCCESS
+from pipeline.testing.serve import LocalServer
 
 LOOPBACK = ("127.0.0.0/8",)
 

@@ -10,7 +10,7 @@ from catalogs import CARD_DIR, SAMPLE_DIR, CatalogError, all_cards, load_card, p
 from catalogs.card import COLUMNS, REQUIRED_FACTS, Card, fact_value
 from catalogs.rowpath import compile_path
 from catalogs.timeparse import to_seconds
-from pipeline.config import ConfigError, from_dict
+from pipeline.core.config import ConfigError, from_dict
 
 # The datasets the catalog must cover (the list), by card name.
 REQUIRED = ["laion-400m", "laion-5b", "relaion-5b-research", "relaion-5b-research-safe", "laion-coco",
@@ -152,7 +152,7 @@ def test_duplicate_alias_across_cards_is_an_error(tmp_path):
 
 
 def test_normalised_columns_do_not_collide_with_the_status_table():
-    from pipeline import schema
+    from pipeline.core import schema
 
     assert not set(COLUMNS) & (set(schema.STATUS_COLUMNS) - {"url", "caption"})
 

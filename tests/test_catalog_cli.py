@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from catalogs import all_cards, load_card
-from pipeline.cli import main
-from pipeline.spec import load_job
+from pipeline.cli.main import main
+from pipeline.job.spec import load_job
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = ["laion-400m", "relaion-5b-research-safe", "coyo-700m", "datacomp-commonpool-medium", "cc3m", "cc12m",

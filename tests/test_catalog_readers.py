@@ -11,7 +11,7 @@ import pytest
 
 from catalogs import SAMPLE_DIR, load_card
 from catalogs.readers import read_rows
-from pipeline.config import ConfigError
+from pipeline.core.config import ConfigError
 
 
 def sample(name: str) -> list[str]:
@@ -224,8 +224,8 @@ def test_hub_dataset_loads_with_datasets_from_the_same_cache(offline_hub, tmp_pa
 # -- through the shard planner (the lead's pipeline.reader), as a job runs it ------------------------
 
 def test_planner_reads_a_catalog_input():
-    from pipeline.reader import plan_shards
-    from pipeline.spec import load_job
+    from pipeline.sources.reader import plan_shards
+    from pipeline.job.spec import load_job
 
     spec = load_job(data={"input": {"catalog": "panda-70m", "files": sample("panda-70m")},
                           "output": {"dir": "out/x", "samples_per_shard": 3}})

@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from filters import build_filters
-from filters.tiny_clip import roc_auc
-from pipeline import schema, synthetic
-from pipeline.stage import JobContext
+from pipeline.testing.assets import TINY_CLIP, TINY_CLIP_CONFIG, TINY_CLIP_WEIGHTS
+from pipeline.testing.tiny_clip import roc_auc
+from pipeline.core import schema
+from pipeline.testing import synthetic
+from pipeline.core.stage import JobContext
 
 torch.set_num_threads(2)
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny-clip"
-CONFIG, WEIGHTS = MODEL_DIR / "tiny-clip.json", MODEL_DIR / "tiny-clip.safetensors"
+MODEL_DIR, CONFIG, WEIGHTS = TINY_CLIP, TINY_CLIP_CONFIG, TINY_CLIP_WEIGHTS
 HELD_OUT_SEED = 424242  # the model trained on seed 0 and was evaluated on seed 1
 
 

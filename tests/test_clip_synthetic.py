@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from filters.tiny_clip import CONTEXT_LENGTH, caption_words, learn_merges, roc_auc, write_bpe
-from pipeline import synthetic
+from pipeline.testing.assets import TINY_CLIP
+from pipeline.testing.tiny_clip import CONTEXT_LENGTH, caption_words, learn_merges, roc_auc, write_bpe
+from pipeline.testing import synthetic
 
 
 def test_samples_are_pure_functions_of_seed_and_index():
@@ -97,6 +98,6 @@ def test_committed_tiny_clip_vocabulary_covers_todays_captions(tmp_path):
     """If the synthetic captions gain a word, the committed model must be retrained."""
     import gzip
 
-    committed = Path(__file__).resolve().parents[1] / "models" / "tiny-clip" / "bpe.txt.gz"
+    committed = TINY_CLIP / "bpe.txt.gz"
     write_bpe(tmp_path / "bpe.txt.gz", learn_merges(caption_words()))
     assert gzip.decompress(committed.read_bytes()) == gzip.decompress((tmp_path / "bpe.txt.gz").read_bytes())

@@ -1,8 +1,8 @@
 """The demo is the whole pipeline offline: it must finish and its filters must do their job."""
 import json
 
-from pipeline.demo import run_demo
-from pipeline.writer import read_status_tables
+from pipeline.testing.demo import run_demo
+from pipeline.sinks.webdataset import read_status_tables
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path, ray_cluster, capsys):

@@ -9,8 +9,8 @@ import webdataset as wds
 from PIL import Image
 
 from hostile_server import hostile_server
-from pipeline.job import run_job
-from pipeline.spec import load_job
+from pipeline.job.runner import run_job
+from pipeline.job.spec import load_job
 
 
 @pytest.fixture(scope="module")

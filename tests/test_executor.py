@@ -6,12 +6,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
-from pipeline.executor import CompletedShard, LocalExecutor, RayExecutor
-from pipeline.reader import plan_shards
-from pipeline.spec import load_job
-from pipeline.stage import Resources, Stage
-from pipeline.writer import is_complete
+from pipeline.core import schema
+from pipeline.executors.ray import CompletedShard, LocalExecutor, RayExecutor
+from pipeline.sources.reader import plan_shards
+from pipeline.job.spec import load_job
+from pipeline.core.stage import Resources, Stage
+from pipeline.sinks.webdataset import is_complete
 
 
 class FakeDownload(Stage):

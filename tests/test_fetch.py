@@ -20,10 +20,10 @@ from aiohttp import web
 from PIL import Image, ImageOps
 
 from hostile_server import Case, fetch_config, hostile_server, media_samples
-from pipeline import schema
-from pipeline.fetch import (FetchConfig, Fetcher, ForbiddenAddress, VettingResolver, address_problem,
+from pipeline.core import schema
+from pipeline.fetch.client import (FetchConfig, Fetcher, ForbiddenAddress, VettingResolver, address_problem,
                             fetch_all, fetch_many, optouts, retry_after_seconds, sniff)
-from pipeline.spec import DownloadSpec
+from pipeline.job.spec import DownloadSpec
 
 
 @pytest.fixture(scope="module")

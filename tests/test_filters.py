@@ -7,9 +7,10 @@ from PIL import Image, ImageFilter
 
 from filters import FILTERS, build_filters
 from filters.perceptual import HammingIndex, dhash, phash
-from pipeline import schema, synthetic
-from pipeline.config import ConfigError
-from pipeline.spec import load_job
+from pipeline.core import schema
+from pipeline.testing import synthetic
+from pipeline.core.config import ConfigError
+from pipeline.job.spec import load_job
 
 
 def build(name, **options):

@@ -13,15 +13,16 @@ import pytest
 import torch
 import yaml
 
-from pipeline import synthetic
-from pipeline.job import run_job
-from pipeline.report import write_report
-from pipeline.serve import LocalServer
-from pipeline.spec import load_job
+from pipeline.testing import synthetic
+from pipeline.job.runner import run_job
+from pipeline.cli.report import write_report
+from pipeline.testing.assets import TINY_CLIP
+from pipeline.testing.serve import LocalServer
+from pipeline.job.spec import load_job
 
 torch.set_num_threads(2)
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny-clip"
+MODEL_DIR = TINY_CLIP
 N = 48
 FILTERS = [
     {"caption": {"min_words": 3}},

@@ -16,11 +16,11 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
-from pipeline.cli import main
-from pipeline.config import ConfigError
-from pipeline.job import run_job
-from pipeline.serve import LocalServer
-from pipeline.spec import load_job
+from pipeline.cli.main import main
+from pipeline.core.config import ConfigError
+from pipeline.job.runner import run_job
+from pipeline.testing.serve import LocalServer
+from pipeline.job.spec import load_job
 
 N = 60
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.loader import (Loader, ShardDataset, ShardError, SkippedDataWarning, epoch_draws, mix_order,
+from pipeline.loader.dataset import (Loader, ShardDataset, ShardError, SkippedDataWarning, epoch_draws, mix_order,
                              mix_prefix, split_evenly, worker_ranges)
 from test_loader_tar import jpeg_bytes, write_output
 
@@ -259,7 +259,7 @@ def test_raw_bytes_and_custom_decoders(out):
 
 
 def test_resize_modes_follow_the_job_semantics(tmp_path):
-    from pipeline import writer
+    from pipeline.sinks import webdataset as writer
 
     img = jpeg_bytes(1, size=(80, 40))
     (tmp_path / "00000.tar").write_bytes(writer.tar_bytes([("000000000.jpg", img)]))

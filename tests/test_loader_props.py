@@ -11,8 +11,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import writer
-from pipeline.loader import Shard, ShardDataset, Source, source_segments
+from pipeline.sinks import webdataset as writer
+from pipeline.loader.dataset import Shard, ShardDataset, Source, source_segments
 
 FAST = settings(max_examples=150, deadline=None)
 IO = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

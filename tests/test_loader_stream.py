@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from test_loader_tar import write_output
 
 

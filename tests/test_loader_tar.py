@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import schema, writer
-from pipeline.loader import TarFormatError, _samples, _TarReader, split_name
+from pipeline.core import schema
+from pipeline.sinks import webdataset as writer
+from pipeline.loader.dataset import TarFormatError, _samples, _TarReader, split_name
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (24, 16)) -> bytes:

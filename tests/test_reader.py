@@ -5,9 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
-from pipeline.reader import iter_records, plan_shards
-from pipeline.spec import load_job
+from pipeline.core import schema
+from pipeline.sources.reader import iter_records, plan_shards
+from pipeline.job.spec import load_job
 
 URLS = [f"http://example.test/{i}.jpg" for i in range(25)]
 

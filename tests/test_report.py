@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
-from pipeline.report import summarize, write_report
+from pipeline.core import schema
+from pipeline.cli.report import summarize, write_report
 
 
 def write_output(out, shards=3, rows=40, seed=0):
@@ -94,7 +94,7 @@ def test_report_html_has_totals_filters_and_embedded_histograms(tmp_path):
 
 
 def test_report_cli_and_outputs_without_scores(tmp_path):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     out = write_output(tmp_path / "job", shards=1)
     table = pq.read_table(out / "00000.parquet").drop(["clip_score"])

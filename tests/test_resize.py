@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline import resize as rz
-from pipeline.resize import ResizeConfig, ResizeResult, encode_extension, plan_geometry, resize_image
-from pipeline.schema import ERROR_KINDS
-from pipeline.spec import DownloadSpec
+from pipeline.media import resize as rz
+from pipeline.media.resize import ResizeConfig, ResizeResult, encode_extension, plan_geometry, resize_image
+from pipeline.core.schema import ERROR_KINDS
+from pipeline.job.spec import DownloadSpec
 
 DATA = Path(__file__).parent / "data"
 EXPECTED = json.loads((DATA / "img2dataset_sizes.json").read_text())

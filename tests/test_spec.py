@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config import ConfigError
-from pipeline.spec import load_job
+from pipeline.core.config import ConfigError
+from pipeline.job.spec import load_job
 
 
 def write(tmp_path, text):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import schema
-from pipeline.config import ConfigError
-from pipeline.synthetic import make_pairs
+from pipeline.core import schema
+from pipeline.core.config import ConfigError
+from pipeline.testing.synthetic import make_pairs
 from pipeline.tokenize import VisualTokenizeStage, build_tokenizers
 from pipeline.tokenize.common import load_npy
 from pipeline.tokenize.visual import prepare, to_pixels
@@ -153,7 +153,7 @@ def test_tiny_vq_reconstructs_its_domain_better_than_trivial_baselines():
     """Held-out synthetic images through the stage (ids) and the model's decoder."""
     from transformers import Emu3VQVAE
 
-    from pipeline.tokenize.tiny_vq import HELDOUT_SEED, mean_colour_baseline, pooled_baseline, psnr, to_uint8
+    from pipeline.testing.tiny_vq import HELDOUT_SEED, mean_colour_baseline, pooled_baseline, psnr, to_uint8
 
     pairs = make_pairs(64, seed=HELDOUT_SEED, size=64, start=1000)
     batch = make_batch([{"png": encode_image(im, "PNG")} for im, _ in pairs])

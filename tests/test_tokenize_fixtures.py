@@ -9,10 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import schema
+from pipeline.core import schema
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_VQ = REPO / "models" / "tiny-vq"
+from pipeline.testing.assets import TINY_VQ  # noqa: E402
 torch.set_num_threads(2)
 
 

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.job import run_job
-from pipeline.serve import LocalServer
-from pipeline.spec import load_job
-from pipeline.synthetic import make_pairs
+from pipeline.job.runner import run_job
+from pipeline.testing.serve import LocalServer
+from pipeline.job.spec import load_job
+from pipeline.testing.synthetic import make_pairs
 from test_tokenize_fixtures import TINY_VQ, encode_image
 
 N = 20

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import schema
+from pipeline.core import schema
 from pipeline.tokenize import build_tokenizers
 from pipeline.tokenize.common import load_npy, npy_bytes
 from pipeline.tokenize.media import read_media, uniform_indices
 from pipeline.tokenize.visual import prepare, to_pixels
-from pipeline.video_synth import counter_frame, counter_video_bytes, read_counter
+from pipeline.testing.video_synth import counter_frame, counter_video_bytes, read_counter
 from test_tokenize_fixtures import encode_image, make_batch, random_image, save_tiny_emu3
 
 FRAMES, TEMPORAL = 4, 2

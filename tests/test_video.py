@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from pipeline import schema
-from pipeline.config import ConfigError
-from pipeline.serve import LocalServer
-from pipeline.spec import load_job
-from pipeline.video import VideoDownloadStage
-from pipeline.video_cut import CutConfig, MediaError, cut_clips, frame_indices
-from pipeline.video_synth import read_counter, write_counter_video
+from pipeline.core import schema
+from pipeline.core.config import ConfigError
+from pipeline.testing.serve import LocalServer
+from pipeline.job.spec import load_job
+from pipeline.download.video import VideoDownloadStage
+from pipeline.media.video import CutConfig, MediaError, cut_clips, frame_indices
+from pipeline.testing.video_synth import read_counter, write_counter_video
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,10 +17,10 @@ import pytest
 import webdataset as wds
 import yaml
 
-from pipeline.job import run_job
-from pipeline.serve import LocalServer
-from pipeline.spec import load_job
-from pipeline.video_synth import read_counter, write_counter_video
+from pipeline.job.runner import run_job
+from pipeline.testing.serve import LocalServer
+from pipeline.job.spec import load_job
+from pipeline.testing.video_synth import read_counter, write_counter_video
 
 pytestmark = pytest.mark.timeout(180)
 N_VIDEOS, SPANS = 8, ((0.0, 1.2), (1.3, 2.5), (2.2, 3.9))

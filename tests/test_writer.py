@@ -4,8 +4,8 @@ import tarfile
 
 import pyarrow.dataset as ds
 
-from pipeline import schema
-from pipeline.writer import remove_temporaries, write_index, write_shard
+from pipeline.core import schema
+from pipeline.sinks.webdataset import remove_temporaries, write_index, write_shard
 
 
 def batch(n, scored=True):

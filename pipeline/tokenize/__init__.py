@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import ConfigError
-from ..stage import Stage
+from pipeline.core.config import ConfigError
+from pipeline.core.stage import Stage
 from .config import ImageTokenizeConfig, TextTokenizeConfig, TokenizeConfig, parse
 from .text import TextTokenizeStage
 from .visual import VisualTokenizeStage

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-from ..config import ConfigError, from_dict
+from pipeline.core.config import ConfigError, from_dict
 
 OPEN_CLIP = "open_clip"
 VisualClass = Literal["Emu3VQVAE", "ChameleonVQVAE", "AutoencoderKL"]

@@ -13,7 +13,7 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
-from ..config import ConfigError
+from pipeline.core.config import ConfigError
 from .checkpoint import Checkpoint
 from .common import ids_dtype
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 from PIL import Image, ImageOps
 
-from ..config import ConfigError
+from pipeline.core.config import ConfigError
 
 # Height/width ratios of the default buckets: portrait 1:2 .. square .. landscape 2:1.
 DEFAULT_RATIOS = (2.0, 16 / 9, 3 / 2, 4 / 3, 1.0, 3 / 4, 2 / 3, 9 / 16, 1 / 2)

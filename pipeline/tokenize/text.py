@@ -18,9 +18,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .. import schema
-from ..config import ConfigError
-from ..stage import Batch, Stage
+from pipeline.core import schema
+from pipeline.core.config import ConfigError
+from pipeline.core.stage import Batch, Stage
 from .checkpoint import HUB_ID
 from .common import FORMAT_VERSION, ids_dtype, npy_bytes, with_id
 from .config import OPEN_CLIP, TextTokenizeConfig, is_open_clip

@@ -49,7 +49,7 @@ class TrainConfig:
 
 def synthetic_images(n: int, seed: int, size: int = 64, start: int = 0) -> torch.Tensor:
     """uint8 (N, 3, size, size) images of the synthetic shapes set."""
-    from ..synthetic import make_pairs
+    from pipeline.testing.synthetic import make_pairs
 
     arrays = [np.asarray(image.convert("RGB")) for image, _ in make_pairs(n, seed=seed, size=size, start=start)]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

@@ -16,9 +16,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from .. import schema
-from ..config import ConfigError
-from ..stage import Batch, Resources, Stage
+from pipeline.core import schema
+from pipeline.core.config import ConfigError
+from pipeline.core.stage import Batch, Resources, Stage
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .common import FORMAT_VERSION, npy_bytes, with_id
 from .config import ImageTokenizeConfig

@@ -44,7 +44,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from .schema import ERROR_KINDS
+from pipeline.core.schema import ERROR_KINDS
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _timeout

@@ -48,7 +48,7 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from .schema import ERROR_KINDS
+from pipeline.core.schema import ERROR_KINDS
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 _SHORT_SIDE_MODES = ("keep_ratio", "center_crop")  # the others scale the long side

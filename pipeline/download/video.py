@@ -29,10 +29,10 @@ from typing import Any, Optional, Union
 
 from yarl import URL
 
-from . import schema
-from .fetch import FetchConfig, Fetcher, FetchResult, ForbiddenAddress
-from .stage import Batch, ThreadPoolStage
-from .video_cut import Clip, CutConfig, MediaError, SourceInfo, Span, npy_bytes, probe_file, try_cut_clip
+from pipeline.core import schema
+from pipeline.fetch.client import FetchConfig, Fetcher, FetchResult, ForbiddenAddress
+from pipeline.core.stage import Batch, ThreadPoolStage
+from pipeline.media.video import Clip, CutConfig, MediaError, SourceInfo, Span, npy_bytes, probe_file, try_cut_clip
 
 TMP_PREFIX = "mmcurate-video-"  # + pid: lets a later run delete what a killed one left
 # Columns this stage fills (None where a row failed); created up front so every shard has them.
@@ -51,7 +51,7 @@ class VideoDownloadStage(ThreadPoolStage):
         self.cut_config = CutConfig.from_spec(spec)
         self.ytdlp = None
         if spec.video.backend == "yt-dlp":
-            from .video_ytdlp import YtdlpOptions, require_ytdlp
+            from pipeline.download.ytdlp import YtdlpOptions, require_ytdlp
 
             require_ytdlp()  # fail at job start, not in every sample
             self.ytdlp = YtdlpOptions.from_spec(spec)
@@ -110,7 +110,7 @@ class VideoDownloadStage(ThreadPoolStage):
         refused = await _vet_host(fetcher, url)
         if refused is not None:
             return refused
-        from .video_ytdlp import download
+        from pipeline.download.ytdlp import download
 
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, download, url, workdir, self.ytdlp)

@@ -19,14 +19,14 @@ from typing import Any, Iterator, Optional
 
 import pyarrow.parquet as pq
 
-from . import schema
-from .config import ConfigError
-from .executor import CompletedShard, LocalExecutor, RayExecutor
-from .progress import Progress
-from .reader import count_rows, plan_shards
-from .spec import JobSpec
-from .stage import Batch, JobContext, Stage
-from .writer import atomic_write, is_complete, read_stats, remove_temporaries, write_index
+from pipeline.core import schema
+from pipeline.core.config import ConfigError
+from pipeline.executors.ray import CompletedShard, LocalExecutor, RayExecutor
+from pipeline.job.progress import Progress
+from pipeline.sources.reader import count_rows, plan_shards
+from pipeline.job.spec import JobSpec
+from pipeline.core.stage import Batch, JobContext, Stage
+from pipeline.sinks.webdataset import atomic_write, is_complete, read_stats, remove_temporaries, write_index
 
 log = logging.getLogger("mmcurate")
 # Parts of the spec that change what is written: a resumed run must agree on them.
@@ -56,11 +56,11 @@ class JobResult:
 def build_stages(spec: JobSpec) -> list[Stage]:
     """download (image or video) -> filters -> tokenizers, as the spec declares them."""
     if spec.download.media == "video":
-        from .video import VideoDownloadStage
+        from pipeline.download.video import VideoDownloadStage
 
         stages: list[Stage] = [VideoDownloadStage(spec)]
     else:
-        from .download import ImageDownloadStage
+        from pipeline.download.image import ImageDownloadStage
 
         stages = [ImageDownloadStage(spec)]
     if spec.filters:
@@ -68,7 +68,7 @@ def build_stages(spec: JobSpec) -> list[Stage]:
 
         stages += build_filters(spec.filters, spec)
     if spec.tokenize:
-        from .tokenize import build_tokenizers
+        from pipeline.tokenize import build_tokenizers
 
         stages += build_tokenizers(spec.tokenize, spec)
     return stages

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
 
-from . import schema
+from pipeline.core import schema
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 COLOURS: dict[str, tuple[int, int, int]] = {

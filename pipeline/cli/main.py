@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Optional
 
-from .config import ConfigError
+from pipeline.core.config import ConfigError
 
 EPILOG = """examples:
   mmcurate catalog list --modality image
@@ -17,8 +17,8 @@ EPILOG = """examples:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .job import run_job
-    from .spec import load_job
+    from pipeline.job.runner import run_job
+    from pipeline.job.spec import load_job
 
     spec = load_job(args.job, args.set)
     if args.dry_run:
@@ -41,7 +41,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .inspection import render, summarize
+    from pipeline.cli.inspect import render, summarize
 
     summary = summarize(args.output_dir, args.n)
     print(json.dumps(summary, indent=1, default=str) if args.json else render(summary))
@@ -49,7 +49,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from pipeline.testing.demo import run_demo
 
     return run_demo(args.out, keep=args.keep)
 
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands (catalog, report, stream, ...).
-EXTENSIONS: list[str] = ["catalogs.cli", "pipeline.report", "pipeline.stream"]
+EXTENSIONS: list[str] = ["catalogs.cli", "pipeline.cli.report", "pipeline.cli.stream"]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

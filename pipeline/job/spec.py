@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .config import ConfigError, apply_override, from_dict, parse_override, to_dict
+from pipeline.core.config import ConfigError, apply_override, from_dict, parse_override, to_dict
 
 ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]
 
@@ -182,6 +182,6 @@ def _validate_stages(spec: JobSpec) -> None:
 
         build_filters(spec.filters, spec, load=False)
     if spec.tokenize:
-        from .tokenize import build_tokenizers
+        from pipeline.tokenize import build_tokenizers
 
         build_tokenizers(spec.tokenize, spec, load=False)

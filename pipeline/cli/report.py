@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import schema
+from pipeline.core import schema
 
 SHARD_STATS = re.compile(r"^(\d{5,})_stats\.json$")
 CLIP_COLUMN = "clip_score"

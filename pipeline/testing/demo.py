@@ -18,15 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from . import synthetic
-from .inspection import render, summarize
-from .job import run_job
-from .serve import LocalServer
-from .spec import load_job
-from .writer import read_status_tables
+from pipeline.testing import synthetic
+from pipeline.testing.assets import DEMO_JOB, HERE
+from pipeline.cli.inspect import render, summarize
+from pipeline.job.runner import run_job
+from pipeline.testing.serve import LocalServer
+from pipeline.job.spec import load_job
+from pipeline.sinks.webdataset import read_status_tables
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO_JOB = ROOT / "jobs" / "demo.yaml"
 N_IMAGES = 400
 MISMATCHED = 0.2   # share of captions replaced by another image's caption
 DUPLICATES = 0.05  # share of URLs serving a byte-identical copy of an earlier image
@@ -59,19 +58,19 @@ def demo_data(n: int = N_IMAGES, seed: int = 0) -> tuple[dict[str, bytes], list[
 
 
 def _rooted(node: Any) -> Any:
-    """Model paths in the demo job are relative to the repository: make them absolute."""
+    """Model paths in the demo job are relative to this package: make them absolute."""
     if isinstance(node, dict):
         return {k: _rooted(v) for k, v in node.items()}
     if isinstance(node, list):
         return [_rooted(v) for v in node]
     if isinstance(node, str) and node.startswith("models/"):
-        return str(ROOT / node)
+        return str(HERE / node)
     return node
 
 
 def stream_back(out_dir: Path, batches: int = 3) -> list[str]:
     """Read a few batches back through the trainer-facing loader."""
-    from .loader import Loader, ShardDataset
+    from pipeline.loader.dataset import Loader, ShardDataset
 
     dataset = ShardDataset(str(out_dir), fields={"image": "jpg", "text_ids": "text_ids.npy",
                                                  "image_ids": "image_ids.npy", "caption": "txt"},
@@ -130,7 +129,7 @@ def run_demo(out: str = "out/demo", keep: bool = False) -> int:
     print("\n".join(filter_quality(shards, rows, urls)))
     print()
     print("\n".join(stream_back(shards)))
-    from .report import write_report
+    from pipeline.cli.report import write_report
 
     report = write_report(shards, out_dir / "report.html")
     print(f"\nreport: {report}\ndemo finished in {time.perf_counter() - start:.0f} s")

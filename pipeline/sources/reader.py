@@ -16,8 +16,8 @@ from typing import Any, Iterator, Optional
 
 import fsspec
 
-from . import schema
-from .config import ConfigError
+from pipeline.core import schema
+from pipeline.core.config import ConfigError
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from .reader import InputShard
-from .stage import Batch, Stage
-from .writer import write_shard
+from pipeline.sources.reader import InputShard
+from pipeline.core.stage import Batch, Stage
+from pipeline.sinks.webdataset import write_shard
 
 log = logging.getLogger("mmcurate")
 OnDone = Callable[[int, Optional[dict], Optional[str]], None]

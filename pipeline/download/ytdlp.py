@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError
-from .fetch import FetchResult, sniff
+from pipeline.core.config import ConfigError
+from pipeline.fetch.client import FetchResult, sniff
 
 INSTALL_HINT = "pip install 'mmcurate[ytdlp]'"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-from . import schema
-from .fetch import FetchConfig, Fetcher
-from .resize import ResizeConfig, encode_extension, resize_image
-from .stage import Batch, ThreadPoolStage
+from pipeline.core import schema
+from pipeline.fetch.client import FetchConfig, Fetcher
+from pipeline.media.resize import ResizeConfig, encode_extension, resize_image
+from pipeline.core.stage import Batch, ThreadPoolStage
 
 
 class ImageDownloadStage(ThreadPoolStage):

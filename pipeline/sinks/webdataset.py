@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import schema
+from pipeline.core import schema
 
 MEDIA_EXTENSIONS = ("jpg", "png", "webp", "mp4")  # first in a sample, then txt/json, then the rest
 

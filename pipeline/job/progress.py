@@ -7,7 +7,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from . import schema
+from pipeline.core import schema
 
 
 class Progress:

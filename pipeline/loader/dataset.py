@@ -48,7 +48,7 @@ import simplejpeg
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .resize import RESIZE_MODES, ResizeConfig, plan_geometry
+from pipeline.media.resize import RESIZE_MODES, ResizeConfig, plan_geometry
 
 __all__ = ["ShardDataset", "Loader", "Shard", "Source", "ShardError", "SkippedDataWarning", "read_index",
            "open_source", "collate"]

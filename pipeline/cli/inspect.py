@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from . import schema
+from pipeline.core import schema
 
 
 def summarize(out_dir: str | Path, n: int = 5) -> dict[str, Any]:
