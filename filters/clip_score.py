@@ -11,7 +11,6 @@ the image embedding is written as ``KEY.clip.npy`` (float16, L2-normalised).
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
@@ -19,6 +18,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 
 from pipeline.core import schema
+from pipeline.media.npy import npy_bytes
 from pipeline.core.config import ConfigError, from_dict
 from pipeline.core.stage import Batch, JobContext, Resources
 
@@ -162,9 +162,7 @@ class ClipScoreFilter(Filter):
                 self.reject(batch, i, f"clip score {score:.4f} below the top {o.top_fraction:.0%} "
                                       f"threshold {self.threshold:.4f}")
             elif o.store_embeddings:
-                buf = io.BytesIO()
-                np.save(buf, result.image_embeddings[p])
-                files[i][EMBEDDING_FILE] = buf.getvalue()
+                files[i][EMBEDDING_FILE] = npy_bytes(result.image_embeddings[p])
         return batch
 
     # -- the top_fraction threshold, once per job ------------------------------------------------

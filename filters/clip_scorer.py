@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.media.geometry import center_offset, torchvision_short_side
+
 from .clip_model import ClipModel
 
 Decoded = tuple[torch.Tensor, list[int], dict[int, str]]  # pixels of the ok images, their positions, errors
@@ -109,11 +111,11 @@ class TorchDecoder:
         """torchvision ``Resize(size)`` (shorter side to size) then ``CenterCrop(size)``, batched."""
         h, w = x.shape[-2:]
         s = self.size
-        new = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+        new = torchvision_short_side(w, h, s)
         if new != (h, w):
             x = F.interpolate(x, size=new, mode=self.mode, antialias=True, align_corners=False)
             x = x.clamp_(0, 255).round_()  # as PIL: resized pixels are 8-bit again
-        top, left = (x.shape[-2] - s) // 2, (x.shape[-1] - s) // 2
+        top, left = center_offset(x.shape[-2], s), center_offset(x.shape[-1], s)
         return x[..., top:top + s, left:left + s]
 
     def decode(self, images: list[bytes]) -> Decoded:

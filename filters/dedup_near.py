@@ -13,13 +13,13 @@ the kept sample it matched (its own key when kept).
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from pipeline.core import schema
+from pipeline.media.npy import read_npy
 from pipeline.core.config import ConfigError
 from pipeline.core.stage import Batch
 
@@ -90,7 +90,7 @@ class NearDedupFilter(Filter):
         idx = [i for i in schema.alive(batch) if EMBEDDING_FILE in files[i]]
         if not idx:
             return batch
-        emb = np.stack([np.load(io.BytesIO(files[i][EMBEDDING_FILE])).astype(np.float32).ravel() for i in idx])
+        emb = np.stack([read_npy(files[i][EMBEDDING_FILE]).astype(np.float32).ravel() for i in idx])
         emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         kept: list[int] = []  # positions in idx, in key order
         groups = []

@@ -11,7 +11,7 @@ from pipeline.core import schema
 from pipeline.core.config import ConfigError
 from pipeline.testing.synthetic import make_pairs
 from pipeline.tokenize import VisualTokenizeStage, build_tokenizers
-from pipeline.tokenize.common import load_npy
+from pipeline.media.npy import read_npy as load_npy
 from pipeline.tokenize.visual import prepare, to_pixels
 from test_tokenize_fixtures import (TINY_VQ, encode_image, make_batch, random_image, save_tiny_chameleon,
                                     save_tiny_emu3, save_tiny_emu3_full, save_tiny_vae)
@@ -325,7 +325,7 @@ def test_hub_id_resolves_through_the_hub_cache(tmp_path, monkeypatch):
 def test_npy_bytes_are_np_save_bytes(array):
     import io
 
-    from pipeline.tokenize.common import npy_bytes
+    from pipeline.media.npy import npy_bytes
 
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array))

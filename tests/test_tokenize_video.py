@@ -10,7 +10,7 @@ import torch
 
 from pipeline.core import schema
 from pipeline.tokenize import build_tokenizers
-from pipeline.tokenize.common import load_npy, npy_bytes
+from pipeline.media.npy import npy_bytes, read_npy as load_npy
 from pipeline.tokenize.media import read_media, uniform_indices
 from pipeline.tokenize.visual import prepare, to_pixels
 from pipeline.testing.video_synth import counter_frame, counter_video_bytes, read_counter

@@ -126,6 +126,7 @@ class Summary:
     tar_bytes: int = 0
     statuses: Counter = field(default_factory=Counter)
     kinds: Counter = field(default_factory=Counter)
+    filtered: Counter = field(default_factory=Counter)  # the kinds that are filters' names
     timings: Counter = field(default_factory=Counter)
     histograms: dict[str, Histogram] = field(default_factory=_histograms)
 
@@ -151,6 +152,7 @@ def summarize(output_dir: str | Path) -> Summary:
         summary.tar_bytes += stats.get("tar_bytes", 0)
         summary.statuses.update(stats.get("status_counts", stats.get("counts", {})))
         summary.kinds.update(stats.get("error_kinds", {}))
+        summary.filtered.update(stats.get("filtered", {}))
         summary.timings.update(stats.get("timings", {}))
         table_path = path.with_name(path.name.replace("_stats.json", ".parquet"))
         if not table_path.exists():
@@ -216,11 +218,11 @@ def render(summary: Summary) -> str:
              "<h2>Statuses</h2>",
              _table(["status", "samples", "share"],
                     [[s, n, _pct(n, rows)] for s, n in summary.statuses.most_common()])]
-    errors = [(k, n) for k, n in summary.kinds.most_common() if schema.status_of(k) != schema.FILTERED]
-    filtered = [(k, n) for k, n in summary.kinds.most_common() if schema.status_of(k) == schema.FILTERED]
+    errors = [(schema.error_kind(k), n) for k, n in summary.kinds.most_common() if k not in summary.filtered]
+    filtered = summary.filtered.most_common()
     parts += ["<h2>Error kinds</h2>",
               _table(["kind", "status", "samples", "share", "meaning"],
-                     [[k, schema.status_of(k), n, _pct(n, rows), schema.ERROR_KINDS[k][1]] for k, n in errors])
+                     [[k.value, k.status, n, _pct(n, rows), k.meaning] for k, n in errors])
               if errors else "<p>No errors.</p>",
               "<h2>Filters</h2>",
               _table(["filter", "samples removed", "share of input"], [[k, n, _pct(n, rows)] for k, n in filtered])

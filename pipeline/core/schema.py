@@ -1,13 +1,18 @@
-"""The sample schema: column names, status values and error kinds. One place; everything imports it.
+"""The sample schema: column names and types, statuses, error kinds and media extensions, and the
+rules for setting a row's status. One place; everything imports it.
 
 A *batch* is a ``dict[str, list]`` of equal-length columns, one entry per input row of a shard.
 Every batch carries the status-table columns below plus ``files``: for each row a dict mapping a
-tar member extension (``"jpg"``, ``"clip.npy"``, ...) to its bytes. Stages add files and score
-columns; the writer turns ``files`` into tar members and every other column into the parquet table.
+tar member extension (``"jpg"``, ``"clip.npy"``, ...) to its bytes. Stages add files and columns
+(each stage declares its columns and their Arrow types, see :class:`pipeline.core.stage.Stage`);
+the sink turns ``files`` into tar members and every other column into the status table.
 """
 from __future__ import annotations
 
-from typing import Any
+import enum
+from typing import Any, Optional
+
+Batch = dict[str, list]
 
 # -- columns -------------------------------------------------------------------------------------
 KEY = "key"
@@ -21,7 +26,7 @@ HEIGHT = "height"
 ORIGINAL_WIDTH = "original_width"
 ORIGINAL_HEIGHT = "original_height"
 SHA256 = "sha256"
-FILES = "files"  # per row: {extension: bytes}; never written to parquet
+FILES = "files"  # per row: {extension: bytes}; never written to the status table
 # Optional input columns that readers normalise to (clip spans in seconds, interleaved documents).
 CLIP_START = "clip_start"
 CLIP_END = "clip_end"
@@ -30,93 +35,134 @@ POSITION = "position"
 
 STATUS_COLUMNS = (KEY, URL, CAPTION, STATUS, ERROR_KIND, ERROR_MESSAGE, WIDTH, HEIGHT,
                   ORIGINAL_WIDTH, ORIGINAL_HEIGHT, SHA256)
-# Arrow type of each column in NNNNN.parquet that mmcurate itself produces, fixed so that every
-# shard's table has one schema even when no row of a shard reached the stage that fills a column.
+# Arrow types of the columns every job has; stages declare the types of the columns they add.
+# Fixed, so that every shard's table has one schema even where no row reached the stage.
 COLUMN_TYPES = {
     **{c: ("int32" if c in (WIDTH, HEIGHT, ORIGINAL_WIDTH, ORIGINAL_HEIGHT) else "string") for c in STATUS_COLUMNS},
-    # filters
-    "clip_score": "double", "exact_group": "string", "near_group": "string", "phash": "string", "dhash": "string",
-    # tokenizers
-    "text_tokenizer": "string", "text_length": "int32", "image_tokenizer": "string", "image_policy": "string",
-    "image_grid": "string", "vae_scaling_factor": "double", "vae_shift_factor": "double",
-    # video
-    CLIP_START: "double", CLIP_END: "double", "duration": "double", "fps": "double", "frame_count": "int32",
-    "codec": "string", "cut": "string", "source_url": "string", "source_duration": "double",
-    "source_fps": "double", "source_codec": "string",
+    CLIP_START: "double", CLIP_END: "double",
 }
 
-# -- status values (img2dataset-compatible where they overlap) -----------------------------------
+# -- media members -------------------------------------------------------------------------------
+# Image members a sample may carry, in the order a reader looks for them (ours are jpg/png/webp,
+# other datasets' shards may hold the rest).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+VIDEO_EXTENSIONS = ("mp4",)
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
+
+
+def image_of(files: dict[str, bytes]) -> Optional[bytes]:
+    """The bytes of a sample's image member, or None when it has none."""
+    for ext in IMAGE_EXTENSIONS:
+        data = files.get(ext)
+        if data:
+            return data
+    return None
+
+
+# -- statuses (img2dataset-compatible where they overlap) ----------------------------------------
 SUCCESS = "success"
 INVALID_INPUT = "invalid_input"            # the row itself is malformed
 FAILED_TO_DOWNLOAD = "failed_to_download"  # network, HTTP, safety, opt-out, caps
 FAILED_TO_DECODE = "failed_to_resize"      # img2dataset's name: decode, resize and size rules
 FAILED_TO_PROCESS = "failed_to_process"    # a later stage (tokenizer, model) failed on the sample
 FILTERED = "filtered"                      # a filter rejected it; error_kind names the filter
-PENDING = "pending"                        # not yet processed (never written by a finished stage)
+PENDING = "pending"                        # still in the running; a finished shard has none left
 
 STATUSES = (SUCCESS, INVALID_INPUT, FAILED_TO_DOWNLOAD, FAILED_TO_DECODE, FAILED_TO_PROCESS, FILTERED)
 
-# -- error kinds: kind -> (status it belongs to, what it means) ----------------------------------
-ERROR_KINDS: dict[str, tuple[str, str]] = {
+
+class ErrorKind(str, enum.Enum):
+    """Why a row failed. Each kind belongs to one status and has one meaning; a filter's
+    rejection is not an error kind (its error_kind is the filter's name, its status FILTERED)."""
+
+    def __new__(cls, value: str, status: str, meaning: str) -> "ErrorKind":
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.status = status
+        member.meaning = meaning
+        return member
+
+    # Compare, hash and print as the plain string the status table holds.
+    __hash__ = str.__hash__
+    __str__ = str.__str__
+    __format__ = str.__format__
+
     # malformed input rows
-    "malformed_row": (INVALID_INPUT, "the input line could not be parsed"),
-    "missing_url": (INVALID_INPUT, "the row has no URL"),
-    "invalid_utf8": (INVALID_INPUT, "the URL or caption is not valid UTF-8"),
-    "bad_scheme": (INVALID_INPUT, "the URL is not http(s)"),
-    "bad_url": (INVALID_INPUT, "the URL cannot be parsed (no host, bad port, bad IDNA name)"),
-    "bad_span": (INVALID_INPUT, "the clip span is missing, negative or has end <= start"),
+    MALFORMED_ROW = "malformed_row", INVALID_INPUT, "the input line could not be parsed"
+    MISSING_URL = "missing_url", INVALID_INPUT, "the row has no URL"
+    INVALID_UTF8 = "invalid_utf8", INVALID_INPUT, "the URL or caption is not valid UTF-8"
+    BAD_SCHEME = "bad_scheme", INVALID_INPUT, "the URL is not http(s)"
+    BAD_URL = "bad_url", INVALID_INPUT, "the URL cannot be parsed (no host, bad port, bad IDNA name)"
+    BAD_SPAN = "bad_span", INVALID_INPUT, "the clip span is missing, negative or has end <= start"
     # download
-    "http_status": (FAILED_TO_DOWNLOAD, "the server answered with a non-2xx status"),
-    "timeout": (FAILED_TO_DOWNLOAD, "the request or the body took longer than the timeout"),
-    "connection": (FAILED_TO_DOWNLOAD, "the connection failed or was reset"),
-    "dns": (FAILED_TO_DOWNLOAD, "the host name could not be resolved"),
-    "too_many_redirects": (FAILED_TO_DOWNLOAD, "more than the allowed number of redirects"),
-    "redirect_loop": (FAILED_TO_DOWNLOAD, "a redirect led back to a URL already visited"),
-    "forbidden_address": (FAILED_TO_DOWNLOAD,
-                          "the host resolves to a private, loopback, link-local, multicast or reserved address"),
-    "forbidden_scheme": (FAILED_TO_DOWNLOAD, "a redirect led to a scheme other than http(s)"),
-    "opted_out": (FAILED_TO_DOWNLOAD, "X-Robots-Tag forbids use (noai, noimageai, noindex, noimageindex)"),
-    "too_large": (FAILED_TO_DOWNLOAD, "the body is larger than the byte cap"),
-    "truncated": (FAILED_TO_DOWNLOAD, "the body ended before Content-Length bytes arrived"),
-    "not_media": (FAILED_TO_DOWNLOAD, "the bytes are not an image or video (e.g. an HTML page)"),
-    "ytdlp_error": (FAILED_TO_DOWNLOAD, "yt-dlp could not fetch the video (unsupported page, removed, private)"),
+    HTTP_STATUS = "http_status", FAILED_TO_DOWNLOAD, "the server answered with a non-2xx status"
+    TIMEOUT = "timeout", FAILED_TO_DOWNLOAD, "the request or the body took longer than the timeout"
+    CONNECTION = "connection", FAILED_TO_DOWNLOAD, "the connection failed or was reset"
+    DNS = "dns", FAILED_TO_DOWNLOAD, "the host name could not be resolved"
+    TOO_MANY_REDIRECTS = "too_many_redirects", FAILED_TO_DOWNLOAD, "more than the allowed number of redirects"
+    REDIRECT_LOOP = "redirect_loop", FAILED_TO_DOWNLOAD, "a redirect led back to a URL already visited"
+    FORBIDDEN_ADDRESS = ("forbidden_address", FAILED_TO_DOWNLOAD,
+                         "the host resolves to a private, loopback, link-local, multicast or reserved address")
+    FORBIDDEN_SCHEME = "forbidden_scheme", FAILED_TO_DOWNLOAD, "a redirect led to a scheme other than http(s)"
+    OPTED_OUT = ("opted_out", FAILED_TO_DOWNLOAD,
+                 "X-Robots-Tag forbids use (noai, noimageai, noindex, noimageindex)")
+    TOO_LARGE = "too_large", FAILED_TO_DOWNLOAD, "the body is larger than the byte cap"
+    TRUNCATED = "truncated", FAILED_TO_DOWNLOAD, "the body ended before Content-Length bytes arrived"
+    NOT_MEDIA = "not_media", FAILED_TO_DOWNLOAD, "the bytes are not an image or video (e.g. an HTML page)"
+    YTDLP_ERROR = ("ytdlp_error", FAILED_TO_DOWNLOAD,
+                   "yt-dlp could not fetch the video (unsupported page, removed, private)")
     # decode / resize
-    "decode_error": (FAILED_TO_DECODE, "the bytes could not be decoded"),
-    "encode_error": (FAILED_TO_DECODE, "the output cannot be encoded: beyond the format's size limits or the pixel cap"),
-    "decompression_bomb": (FAILED_TO_DECODE, "the header announces more pixels than the pixel cap"),
-    "too_small": (FAILED_TO_DECODE, "smaller than min_image_size"),
-    "too_large_area": (FAILED_TO_DECODE, "larger than max_image_area"),
-    "bad_aspect_ratio": (FAILED_TO_DECODE, "aspect ratio above max_aspect_ratio"),
-    "too_long": (FAILED_TO_DECODE, "the video is longer than the duration cap"),
-    "cut_error": (FAILED_TO_DECODE, "the clip could not be cut or encoded"),
+    DECODE_ERROR = "decode_error", FAILED_TO_DECODE, "the bytes could not be decoded"
+    ENCODE_ERROR = ("encode_error", FAILED_TO_DECODE,
+                    "the output cannot be encoded: beyond the format's size limits or the pixel cap")
+    DECOMPRESSION_BOMB = "decompression_bomb", FAILED_TO_DECODE, "the header announces more pixels than the pixel cap"
+    TOO_SMALL = "too_small", FAILED_TO_DECODE, "smaller than min_image_size"
+    TOO_LARGE_AREA = "too_large_area", FAILED_TO_DECODE, "larger than max_image_area"
+    BAD_ASPECT_RATIO = "bad_aspect_ratio", FAILED_TO_DECODE, "aspect ratio above max_aspect_ratio"
+    TOO_LONG = "too_long", FAILED_TO_DECODE, "the video is longer than the duration cap"
+    CUT_ERROR = "cut_error", FAILED_TO_DECODE, "the clip could not be cut or encoded"
     # later stages
-    "stage_error": (FAILED_TO_PROCESS, "a processing stage raised on this sample"),
-}
+    STAGE_ERROR = "stage_error", FAILED_TO_PROCESS, "a processing stage raised on this sample"
 
 
-def status_of(kind: str) -> str:
-    """The status an error kind belongs to; unknown kinds are filter names, hence FILTERED."""
-    return ERROR_KINDS[kind][0] if kind in ERROR_KINDS else FILTERED
+def error_kind(name: str) -> ErrorKind:
+    """The ErrorKind called ``name``; anything else is a programming error, never a filter."""
+    try:
+        return ErrorKind(name)
+    except ValueError:
+        raise ValueError(f"unknown error kind {name!r} (a filter's rejection goes through reject(), "
+                         f"not mark())") from None
 
 
-def mark(batch: dict[str, list], i: int, kind: str, message: str = "") -> None:
-    """Record that row ``i`` failed (or was filtered) with ``kind``; drops its files."""
-    batch[STATUS][i] = status_of(kind)
+# -- setting a row's status ----------------------------------------------------------------------
+def mark(batch: Batch, i: int, kind: str, message: str = "") -> None:
+    """Record that row ``i`` failed with ``kind`` (an ErrorKind or its name); drops its files."""
+    kind = error_kind(kind)
+    _end_row(batch, i, kind.status, kind.value, message or kind.meaning)
+
+
+def reject(batch: Batch, i: int, filter_name: str, message: str) -> None:
+    """Record that the filter ``filter_name`` rejected row ``i``; drops its files."""
+    _end_row(batch, i, FILTERED, filter_name, message or filter_name)
+
+
+def _end_row(batch: Batch, i: int, status: str, kind: str, message: str) -> None:
+    batch[STATUS][i] = status
     batch[ERROR_KIND][i] = kind
-    batch[ERROR_MESSAGE][i] = message[:500] if message else ERROR_KINDS.get(kind, ("", kind))[1]
+    batch[ERROR_MESSAGE][i] = message[:500]
     batch[FILES][i] = {}
 
 
-def alive(batch: dict[str, list]) -> list[int]:
+def alive(batch: Batch) -> list[int]:
     """Indices of rows still in the running (not failed, not filtered)."""
     return [i for i, s in enumerate(batch[STATUS]) if s in (SUCCESS, PENDING)]
 
 
-def batch_len(batch: dict[str, list]) -> int:
+def batch_len(batch: Batch) -> int:
     return len(batch[KEY])
 
 
-def set_column(batch: dict[str, list], name: str, index: list[int], values: list[Any], fill: Any = None) -> None:
+def set_column(batch: Batch, name: str, index: list[int], values: list[Any], fill: Any = None) -> None:
     """Set ``name`` for the rows in ``index``, creating the column (filled with ``fill``) if needed."""
     col = batch.setdefault(name, [fill] * batch_len(batch))
     for i, v in zip(index, values):

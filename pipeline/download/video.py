@@ -32,7 +32,8 @@ from yarl import URL
 from pipeline.core import schema
 from pipeline.fetch.client import FetchConfig, Fetcher, FetchResult, ForbiddenAddress
 from pipeline.core.stage import Batch, ThreadPoolStage
-from pipeline.media.video import Clip, CutConfig, MediaError, SourceInfo, Span, npy_bytes, probe_file, try_cut_clip
+from pipeline.media.npy import npy_bytes
+from pipeline.media.video import Clip, CutConfig, MediaError, SourceInfo, Span, probe_file, try_cut_clip
 
 TMP_PREFIX = "mmcurate-video-"  # + pid: lets a later run delete what a killed one left
 # Columns this stage fills (None where a row failed); created up front so every shard has them.

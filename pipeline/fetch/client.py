@@ -1,7 +1,7 @@
 """The async HTTP client for media: many requests in flight, safe by default, hostile input expected.
 
 Every URL ends in a :class:`FetchResult`; a per-URL problem never raises. Its ``error_kind`` is one
-of :data:`pipeline.schema.ERROR_KINDS`.
+of :class:`pipeline.core.schema.ErrorKind`.
 
 What one fetch does, and why:
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import email.utils
 import ipaddress
 import os
@@ -44,7 +43,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from pipeline.core.schema import ERROR_KINDS
+from pipeline.core.schema import error_kind
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _timeout
@@ -88,12 +87,6 @@ class FetchConfig:
         if self.media not in ("image", "video"):
             raise ValueError(f"media: expected 'image' or 'video', got {self.media!r}")
 
-    @classmethod
-    def from_spec(cls, download_spec) -> "FetchConfig":
-        """The options of a :class:`pipeline.spec.DownloadSpec` that share a name with ours."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{n: getattr(download_spec, n) for n in names if hasattr(download_spec, n)})
-
 
 @dataclass
 class FetchResult:
@@ -103,7 +96,7 @@ class FetchResult:
     path: Optional[str] = None            # get_to_file(): where the body was written
     media_type: Optional[str] = None      # sniffed from the bytes, e.g. "image/jpeg"
     final_url: Optional[str] = None       # after redirects
-    error_kind: Optional[str] = None      # a key of schema.ERROR_KINDS
+    error_kind: Optional[str] = None      # an ErrorKind
     error_message: Optional[str] = None
     http_status: Optional[int] = None
     attempts: int = 0                     # requests made for this URL, retries included
@@ -114,7 +107,7 @@ class _Failure(Exception):
 
     def __init__(self, kind: str, message: str, http_status: Optional[int] = None,
                  retry_after: Optional[float] = None):
-        assert kind in ERROR_KINDS, kind
+        error_kind(kind)  # a kind outside the schema is a bug here
         super().__init__(message)
         self.kind, self.message, self.http_status, self.retry_after = kind, message, http_status, retry_after
 

@@ -29,7 +29,6 @@ over). A missing or corrupt shard is skipped with a warning and counted (``stric
 """
 from __future__ import annotations
 
-import ast
 import bisect
 import functools
 import heapq
@@ -48,12 +47,13 @@ import simplejpeg
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.media.resize import RESIZE_MODES, ResizeConfig, plan_geometry
+from pipeline.core.schema import IMAGE_EXTENSIONS
+from pipeline.media.geometry import RESIZE_MODES, plan_geometry
+from pipeline.media.npy import npy_header, read_npy
 
 __all__ = ["ShardDataset", "Loader", "Shard", "Source", "ShardError", "SkippedDataWarning", "read_index",
            "open_source", "collate"]
 
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
 STATE_VERSION = 1
 _JPEG_MAGIC = b"\xff\xd8\xff"
 READ_BLOCK = 1 << 18  # bytes read at once around headers; bigger unwanted members are seeked over
@@ -626,41 +626,6 @@ def _scan(reader: _TarReader, offset: int, want: Mapping[str, str]
 
 # -- decoding --------------------------------------------------------------------------------------
 
-_npy_headers: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
-
-
-def _npy_header(data: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
-    """(dtype, shape, fortran_order, data offset) of a .npy, cached by its header bytes (arrays of
-    one field share a header, so the dict literal is parsed once per shape)."""
-    if data[:6] != b"\x93NUMPY":
-        raise ValueError("not a .npy file")
-    if data[6] == 1:
-        end = 10 + int.from_bytes(data[8:10], "little")
-    else:
-        end = 12 + int.from_bytes(data[8:12], "little")
-    head = data[:end]
-    cached = _npy_headers.get(head)
-    if cached is None:
-        meta = ast.literal_eval(head[10 if data[6] == 1 else 12:].decode("latin1"))
-        dtype = np.dtype(meta["descr"])
-        if dtype.hasobject:
-            raise ValueError("object arrays (pickles) are not loaded")
-        cached = (dtype, tuple(meta["shape"]), bool(meta["fortran_order"]), end)
-        if len(_npy_headers) < 4096:
-            _npy_headers[head] = cached
-    return cached
-
-
-def decode_npy(data: bytes) -> np.ndarray:
-    dtype, shape, fortran, start = _npy_header(data)
-    count = math.prod(shape)
-    if len(data) < start + count * dtype.itemsize:
-        raise ValueError("truncated .npy data")
-    arr = np.frombuffer(bytearray(memoryview(data)[start:start + count * dtype.itemsize]), dtype)  # writable
-    arr = arr.reshape(shape, order="F" if fortran else "C")
-    return arr if dtype.isnative else arr.astype(dtype.newbyteorder("="))
-
-
 def batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor for a batch. In a DataLoader worker it lives in shared memory (as
     torch's default_collate does it), so handing it to the trainer costs no further copy."""
@@ -678,14 +643,14 @@ def decode_npy_batch(datas: Sequence[bytes]) -> Union[torch.Tensor, list[np.ndar
     """Same-shape arrays in one tensor, copied once (the common case: fixed-length token ids);
     arrays of different shapes or types come back one by one."""
     first = datas[0]
-    dtype, shape, fortran, start = _npy_header(first)
+    dtype, shape, fortran, start = npy_header(first)
     size = len(first)
     if fortran or not dtype.isnative or size != start + math.prod(shape) * dtype.itemsize or len(
             set(map(len, datas))) != 1:
-        return [decode_npy(d) for d in datas]
+        return [read_npy(d) for d in datas]
     rows = np.frombuffer(b"".join(datas), np.uint8).reshape(len(datas), size)
     if not (rows[:, :start] == rows[0, :start]).all():  # same header: same dtype and shape
-        return [decode_npy(d) for d in datas]
+        return [read_npy(d) for d in datas]
     out = batch_tensor((len(datas), *shape), torch.from_numpy(np.empty(0, dtype)).dtype)
     out.numpy().reshape(len(datas), -1).view(np.uint8)[:] = rows[:, start:]
     return out
@@ -694,7 +659,7 @@ def decode_npy_batch(datas: Sequence[bytes]) -> Union[torch.Tensor, list[np.ndar
 @dataclass(frozen=True)
 class ImageOptions:
     dtype: str = "uint8"             # "uint8" (0..255) or "float32" (0..1)
-    size: Optional[int] = None       # resize with pipeline.resize's semantics when set
+    size: Optional[int] = None       # resize with the download stage's semantics when set
     resize_mode: str = "center_crop"
 
     def __post_init__(self) -> None:
@@ -707,7 +672,7 @@ class ImageOptions:
 
 
 def decode_image(data: bytes, opts: ImageOptions) -> np.ndarray:
-    """HWC uint8 RGB. With a size: pipeline.resize's geometry for ``resize_mode``, and a JPEG is
+    """HWC uint8 RGB. With a size: the download stage's geometry for ``resize_mode``, and a JPEG is
     decoded at 1/2, 1/4 or 1/8 scale in the IDCT when the target is that much smaller."""
     from PIL import Image
 
@@ -720,7 +685,7 @@ def decode_image(data: bytes, opts: ImageOptions) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             return np.array(img.convert("RGB"))
     with Image.open(io.BytesIO(data)) as img:
-        geometry = plan_geometry(img.size[0], img.size[1], ResizeConfig(opts.size, opts.resize_mode))
+        geometry = plan_geometry(img.size[0], img.size[1], opts.size, opts.resize_mode)
         if geometry.downscale and img.format == "JPEG":
             img.draft("RGB", geometry.resized)  # never below the requested size
         rgb = img.convert("RGB")
@@ -762,7 +727,7 @@ def _decode_value(ext: str, data: bytes, opts: ImageOptions) -> Any:
     if kind == "image":
         return _image_tensor(decode_image(data, opts), opts)
     if kind == "npy":
-        return torch.from_numpy(decode_npy(data))
+        return torch.from_numpy(read_npy(data))
     if kind == "txt":
         return data.decode("utf-8")
     if kind == "json":

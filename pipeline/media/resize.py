@@ -1,6 +1,6 @@
 """Decode, resize and re-encode one image: img2dataset's size semantics, PIL's speed levers.
 
-This is the one place for the resize semantics (DESIGN: "one place per fact"). The rules match
+The output geometry itself is computed in :mod:`pipeline.media.geometry`. The rules match
 img2dataset 1.47 (verified against its own ``Resizer`` by ``tests/data/make_img2dataset_sizes.py``):
 
 * Size rules on the original size, checked in this order: ``min(w, h) < min_image_size`` →
@@ -43,16 +43,15 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 from PIL import Image
 
-from pipeline.core.schema import ERROR_KINDS
+from pipeline.core.schema import error_kind
+from pipeline.media.geometry import MAX_PIXELS, RESIZE_MODES, Geometry, plan_geometry
 
-RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
-_SHORT_SIDE_MODES = ("keep_ratio", "center_crop")  # the others scale the long side
-ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}  # member extension -> PIL encoder
 # Largest side each encoder accepts (JPEG: 16-bit header fields; WebP: 14 bits).
 _MAX_SIDE = {"jpg": 65_535, "png": 2**31 - 1, "webp": 16_383}
 PNG_DEFAULT_LEVEL = 6
@@ -90,7 +89,7 @@ class ResizeConfig:
     min_image_size: int = 0
     max_image_area: Optional[float] = None
     max_aspect_ratio: Optional[float] = None
-    max_pixels: int = 89_478_485
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self) -> None:
         # Bad options are a programming or spec error, unlike bad image bytes: fail loudly.
@@ -102,11 +101,6 @@ class ResizeConfig:
             raise ValueError("image_size and max_pixels must be > 0")
         if not 0 <= self.encode_quality <= 100:
             raise ValueError(f"encode_quality must be in 0..100, got {self.encode_quality}")
-
-    @classmethod
-    def from_spec(cls, download_spec: Any) -> "ResizeConfig":
-        """Build from a :class:`pipeline.spec.DownloadSpec` (or anything with the same fields)."""
-        return cls(**{name: getattr(download_spec, name) for name in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -124,32 +118,7 @@ class ResizeResult:
     decoded_size: Optional[tuple[int, int]] = None
 
 
-def encode_extension(config: ResizeConfig) -> str:
-    """The tar member extension of the encoded image: ``jpg``, ``png`` or ``webp``."""
-    return config.encode_format
-
-
-# -- geometry (pure: sizes in, sizes out) ----------------------------------------------------------
-
-@dataclass(frozen=True)
-class Geometry:
-    """What to do to a ``width x height`` image (as displayed): resize the whole image to
-    ``resized``, keep the ``crop`` box of that, then paste it at ``offset`` on a white ``canvas``
-    (``canvas`` None: no padding). ``downscale`` picks the filter, as img2dataset does."""
-
-    resized: tuple[int, int]
-    crop: tuple[int, int, int, int]
-    canvas: Optional[tuple[int, int]]
-    offset: tuple[int, int]
-    downscale: bool
-
-    @property
-    def output_size(self) -> tuple[int, int]:
-        if self.canvas is not None:
-            return self.canvas
-        x0, y0, x1, y1 = self.crop
-        return x1 - x0, y1 - y0
-
+# -- size rules and orientation ---------------------------------------------------------------
 
 def check_size_rules(width: int, height: int, config: ResizeConfig) -> Optional[tuple[str, str]]:
     """img2dataset's filters on the original size: ``(error_kind, message)`` or None if it passes."""
@@ -161,33 +130,6 @@ def check_size_rules(width: int, height: int, config: ResizeConfig) -> Optional[
         return ("bad_aspect_ratio",
                 f"aspect ratio too large: {width}x{height}, max_aspect_ratio {config.max_aspect_ratio}")
     return None
-
-
-def _scale_to(width: int, height: int, side: int, target: int) -> tuple[int, int]:
-    # Same float expression and rounding as albumentations' Smallest/LongestMaxSize.
-    scale = target / side
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def plan_geometry(width: int, height: int, config: ResizeConfig) -> Geometry:
-    """img2dataset's output geometry for an image of ``width x height`` (as displayed)."""
-    size, mode = config.image_size, config.resize_mode
-    keep = Geometry((width, height), (0, 0, width, height), None, (0, 0), False)
-    if mode == "no":
-        return keep
-    side = min(width, height) if mode in _SHORT_SIDE_MODES else max(width, height)
-    downscale = side > size
-    if config.resize_only_if_bigger and not downscale:
-        return keep
-    rw, rh = _scale_to(width, height, side, size)
-    crop, canvas, offset = (0, 0, rw, rh), None, (0, 0)
-    if mode == "center_crop":
-        x0, y0 = (rw - size) // 2, (rh - size) // 2
-        crop = (x0, y0, x0 + size, y0 + size)
-    elif mode == "border":
-        canvas = (max(rw, size), max(rh, size))
-        offset = (int((canvas[0] - rw) / 2.0), int((canvas[1] - rh) / 2.0))
-    return Geometry((rw, rh), crop, canvas, offset, downscale)
 
 
 def _to_stored_box(box: tuple[float, float, float, float], orientation: int,
@@ -353,7 +295,7 @@ def _process(data: bytes, config: ResizeConfig, result: ResizeResult) -> None:
         rule = check_size_rules(w, h, config)
         if rule is not None:
             raise _Reject(*rule)
-        geometry = plan_geometry(w, h, config)
+        geometry = plan_geometry(w, h, config.image_size, config.resize_mode, config.resize_only_if_bigger)
         _check_encodable(geometry.output_size, config)
         rendered = _render(img, geometry, orientation, result)
     if rendered.mode != "RGB":
@@ -369,7 +311,7 @@ def _process(data: bytes, config: ResizeConfig, result: ResizeResult) -> None:
 
 def resize_image(data: bytes, config: ResizeConfig) -> ResizeResult:
     """Decode ``data``, apply the size rules and resize mode, re-encode. Never raises for bad
-    input: failures come back as ``ok=False`` with an ``error_kind`` from :data:`ERROR_KINDS`."""
+    input: failures come back as ``ok=False`` with an ``error_kind`` from :class:`pipeline.core.schema.ErrorKind`."""
     result = ResizeResult(False, None, None, None, None, None, None, None)
     try:
         _process(data, config, result)
@@ -385,6 +327,6 @@ def resize_image(data: bytes, config: ResizeConfig) -> ResizeResult:
 
 
 def _fail(result: ResizeResult, kind: str, message: str) -> None:
-    assert kind in ERROR_KINDS, kind
+    error_kind(kind)  # a kind outside the schema is a bug here, not a sample's problem
     result.ok, result.data, result.width, result.height = False, None, None, None
     result.error_kind, result.error_message = kind, message[:500]

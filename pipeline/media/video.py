@@ -11,11 +11,10 @@ decord release the GIL while they decode and encode) and tests can run them with
   (``keyframe``). Otherwise **re-encode**: seek to the keyframe before the span, decode, pick the
   frames, resize, encode with libx264 in one thread with fixed options, so the same input always
   gives the same bytes (resume compares shards byte for byte).
-* Failures raise :class:`MediaError` with an error kind from :mod:`pipeline.schema`.
+* Failures raise :class:`MediaError` with an error kind from :mod:`pipeline.core.schema`.
 """
 from __future__ import annotations
 
-import io
 import itertools
 import math
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+
+from pipeline.media.geometry import MAX_PIXELS, even_short_side
 
 Span = Optional[tuple[Optional[float], Optional[float]]]
 
@@ -35,7 +36,7 @@ _MUX_OPTIONS = {"movflags": "+faststart", "fflags": "+bitexact"}
 
 
 class MediaError(Exception):
-    """A clip could not be produced; ``kind`` is an error kind from :data:`pipeline.schema.ERROR_KINDS`."""
+    """A clip could not be produced; ``kind`` is an error kind from :class:`pipeline.core.schema.ErrorKind`."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -51,7 +52,7 @@ class CutConfig:
     crf: int = 23
     preset: str = "veryfast"
     max_duration: Optional[float] = None  # longest clip in seconds
-    max_pixels: int = 89_478_485          # width * height cap of the source
+    max_pixels: int = MAX_PIXELS          # width * height cap of the source
     store_frames: bool = False
     num_frames: Optional[int] = 8
     frames_fps: Optional[float] = None
@@ -159,14 +160,6 @@ def resolve_span(span: Span, info: SourceInfo, max_duration: Optional[float]) ->
         raise MediaError("too_long", f"the clip lasts {end - start:.3f}s, more than max_duration "
                                      f"{max_duration}s")
     return start, end
-
-
-def output_size(width: int, height: int, resolution: Optional[int]) -> tuple[int, int]:
-    """Scale so the short side is ``resolution`` (aspect kept); both sides even for yuv420p."""
-    if resolution is not None:
-        scale = resolution / min(width, height)
-        width, height = width * scale, height * scale
-    return max(2, 2 * int(width / 2 + 0.5)), max(2, 2 * int(height / 2 + 0.5))  # halves round up
 
 
 # -- cutting -------------------------------------------------------------------------------------
@@ -350,7 +343,7 @@ def _reencode(path, info: SourceInfo, start: float, end: float, config: CutConfi
     """Decode from the keyframe before ``start``, resample to the output rate, resize, encode."""
     rate = Fraction(config.fps).limit_denominator(1001) if config.fps else info.fps
     step, src_half = 1 / float(rate), 0.5 / float(info.fps)
-    width, height = output_size(info.width, info.height, config.resolution)
+    width, height = even_short_side(info.width, info.height, config.resolution)
     hard_end = _hard_end(start, end, config.max_duration)
     with _open_at(path, start - 2 * src_half) as container:
         vs = _video_stream(container)
@@ -481,15 +474,8 @@ def sample_frames(path: Union[str, Path], config: CutConfig) -> np.ndarray:
     width, height = -1, -1
     if config.frames_size is not None:
         h0, w0 = probe_reader[0].shape[:2]
-        width, height = output_size(w0, h0, config.frames_size)
+        width, height = even_short_side(w0, h0, config.frames_size)
         probe_reader = decord.VideoReader(str(path), num_threads=1, width=width, height=height)
     reader = probe_reader
     indices = frame_indices(len(reader), reader.get_avg_fps(), config.num_frames, config.frames_fps)
     return reader.get_batch(indices).asnumpy()
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    """``np.save`` into bytes (deterministic: the header holds only dtype, order and shape)."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()

@@ -125,7 +125,8 @@ def shard_stats(batch: dict[str, list], shard_id: int, timings: Optional[dict] =
         "successes": statuses.get(schema.SUCCESS, 0),
         "status_counts": dict(sorted(statuses.items())),
         "error_kinds": dict(sorted(kinds.items())),
-        "filtered": {k: n for k, n in sorted(kinds.items()) if schema.status_of(k) == schema.FILTERED},
+        "filtered": dict(sorted(Counter(k for k, st in zip(batch[schema.ERROR_KIND], batch[schema.STATUS])
+                                        if st == schema.FILTERED).items())),
         "timings": timings or {},
     }
 

@@ -12,6 +12,7 @@ from typing import Optional
 from PIL import Image, ImageOps
 
 from pipeline.core.config import ConfigError
+from pipeline.media.geometry import round_to_multiple
 
 # Height/width ratios of the default buckets: portrait 1:2 .. square .. landscape 2:1.
 DEFAULT_RATIOS = (2.0, 16 / 9, 3 / 2, 4 / 3, 1.0, 3 / 4, 2 / 3, 9 / 16, 1 / 2)
@@ -78,8 +79,8 @@ def default_buckets(resolution: int, multiple: int) -> list[tuple[int, int]]:
     """Buckets of about resolution² pixels at common ratios, sides a multiple of the grid cell."""
     out = []
     for r in DEFAULT_RATIOS:
-        h = max(multiple, round(resolution * math.sqrt(r) / multiple) * multiple)
-        w = max(multiple, round(resolution / math.sqrt(r) / multiple) * multiple)
+        h = round_to_multiple(resolution * math.sqrt(r), multiple)
+        w = round_to_multiple(resolution / math.sqrt(r), multiple)
         out.append((h, w))
     return out
 

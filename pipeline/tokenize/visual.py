@@ -17,10 +17,11 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from pipeline.core import schema
+from pipeline.media.npy import npy_bytes
 from pipeline.core.config import ConfigError
 from pipeline.core.stage import Batch, Resources, Stage
 from .checkpoint import Checkpoint, resolve_checkpoint
-from .common import FORMAT_VERSION, npy_bytes, with_id
+from .common import FORMAT_VERSION, with_id
 from .config import ImageTokenizeConfig
 from .media import read_media
 from .models import MODELS, ModelInfo, VisualModel, detect, weight_filter
