@@ -109,7 +109,7 @@ def ours(paths: list[str], model_name: str, pretrained: str, device: str, batch_
 
     [stage] = build_filters([{"clip_score": {
         "model": model_name, "pretrained": pretrained, "device": device, "batch_size": batch_size,
-        "decode_threads": threads, "precision": precision, "decode": decode}}], None)
+        "decode_threads": threads, "precision": precision, "decode": decode}}], check=True)
     torch.manual_seed(0)
     stage.setup()
     scores: dict[str, float] = {}

@@ -43,8 +43,11 @@ from typing import Callable
 import numpy as np
 
 from pipeline.core import schema
-from pipeline.sinks import webdataset as writer
-from pipeline.loader.dataset import Loader, ShardDataset  # noqa: E402
+from pipeline.media.npy import npy_bytes
+from pipeline.sinks import Directory
+from pipeline.sinks.webdataset import shard_name, tar_bytes
+from pipeline.testing.output import write_shards
+from pipeline.loader import Loader, ShardDataset  # noqa: E402
 
 IMAGE_FIELDS = ("jpg", "txt")
 TOKEN_FIELDS = ("text_ids.npy", "image_ids.npy")
@@ -67,7 +70,7 @@ def _photo(rng: np.random.Generator, size: int = 256) -> bytes:
 
 def write_image_shards(out: Path, n: int, per_shard: int) -> None:
     rng = np.random.default_rng(0)
-    out.mkdir(parents=True, exist_ok=True)
+    batches = []
     for shard in range(-(-n // per_shard)):
         rows = range(min(per_shard, n - shard * per_shard))
         batch = {c: [None] * len(rows) for c in schema.STATUS_COLUMNS}
@@ -76,14 +79,8 @@ def write_image_shards(out: Path, n: int, per_shard: int) -> None:
         batch[schema.CAPTION] = [f"a photo number {k} of something" for k in batch[schema.KEY]]
         batch[schema.STATUS] = [schema.PENDING] * len(rows)
         batch[schema.FILES] = [{"jpg": _photo(rng)} for _ in rows]
-        writer.write_shard(out, shard, batch)
-    writer.write_index(out, "bench-images")
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
+        batches.append(batch)
+    write_shards(out, batches, "bench-images")
 
 
 def write_token_shards(out: Path, n: int, per_shard: int) -> None:
@@ -95,10 +92,10 @@ def write_token_shards(out: Path, n: int, per_shard: int) -> None:
         count = min(per_shard, n - shard * per_shard)
         for i in range(count):
             key = schema.make_key(shard, i, per_shard)
-            members.append((f"{key}.text_ids.npy", _npy(rng.integers(0, 49408, 77, dtype=np.int32))))
-            members.append((f"{key}.image_ids.npy", _npy(rng.integers(0, 16384, (32, 32), dtype=np.uint16))))
-        name = f"{writer.shard_name(shard)}.tar"
-        writer.atomic_write(out / name, writer.tar_bytes(members))
+            members.append((f"{key}.text_ids.npy", npy_bytes(rng.integers(0, 49408, 77, dtype=np.int32))))
+            members.append((f"{key}.image_ids.npy", npy_bytes(rng.integers(0, 16384, (32, 32), dtype=np.uint16))))
+        name = f"{shard_name(shard)}.tar"
+        Directory(out).write(name, tar_bytes(members))
         shardlist.append({"url": name, "nsamples": count, "filesize": (out / name).stat().st_size})
     index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": "bench-tokens", "shardlist": shardlist}
     (out / "index.json").write_text(json.dumps(index))
@@ -192,7 +189,7 @@ def run_ipc_ceiling(out: Path, fields: tuple[str, ...], workers: int, batch_size
     import torch
     from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-    from pipeline.loader.dataset import batch_tensor
+    from pipeline.loader.decode import batch_tensor
 
     n = total_samples(out)
     template = next(iter(ShardDataset(str(out), fields=list(fields), batch_size=batch_size)))

@@ -11,7 +11,7 @@ The card's ``reader`` section says how:
   (Panda-70M timestamp/caption lists, HD-VILA clip lists, OBELICS and MMC4 documents).
 
 Rows are parsed, never validated: a value that cannot be parsed is passed on as it is, and a row
-whose lists cannot be exploded becomes one row carrying ``_invalid`` (the shard planner records it
+whose lists cannot be exploded becomes one row carrying ``INVALID`` (the shard planner records it
 as a failed input row). Values in ``input.save_additional_columns`` are source paths, kept under
 their own names.
 """
@@ -23,24 +23,20 @@ from typing import Any, Iterator, Optional
 
 from pipeline.core import schema
 from pipeline.core.config import ConfigError
-from pipeline.sources.reader import undecodable_to_bytes
+from pipeline.sources.formats import FORMATS, INVALID, iter_records, undecodable_to_bytes
 
 from .card import TIME_COLUMNS, Card, Reader
 from .locate import resolve_files
 from .rowpath import Path, compile_path
 from .timeparse import to_seconds
 
-INVALID = "_invalid"
-
 
 def read_rows(card: Card, files: list[str], input_spec: Any = None,
               batch_rows: int = 8192) -> Iterator[dict[str, list]]:
     """Stream normalised column chunks of ``files`` read with ``card``'s layout and column map."""
-    from pipeline.sources.reader import iter_records
-
     plan = ReadPlan(card, input_spec)
     fmt = getattr(input_spec, "format", None) or card.metadata.format
-    if fmt not in ("parquet", "csv", "tsv", "jsonl", "txt"):
+    if fmt not in FORMATS:
         raise ConfigError(f"input.catalog: {card.name} is published as {card.metadata.format!r}, "
                           "which has no reader; set input.format if you converted the files")
     for path in resolve_files(card, files):

@@ -8,15 +8,14 @@
       - clip_score: {preset: laion}          # or {model: ..., pretrained: ..., min: / top_fraction:}
       - dedup_near: {method: phash, max_distance: 4}
 
-Each filter is a ``pipeline.stage.Stage``; a sample it rejects gets status ``filtered`` with the
-filter's name as its error kind, so every shard's stats count rejections per filter.
+One module per filter; each is a :class:`filters.base.Filter` registered in ``FILTERS`` below. A
+sample it rejects gets status ``filtered`` with the filter's name as its error kind.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from pipeline.core.config import ConfigError
-from pipeline.core.stage import Stage
 
 from .aspect_ratio import AspectRatioFilter
 from .base import Filter
@@ -30,12 +29,13 @@ FILTERS: dict[str, type[Filter]] = {cls.name: cls for cls in (
     ImageSizeFilter, AspectRatioFilter, CaptionFilter, ExactDedupFilter, NearDedupFilter, ClipScoreFilter)}
 
 
-def build_filters(entries: list[dict[str, Any]], spec: Any = None, load: bool = True) -> list[Stage]:
+def build_filters(entries: list[dict[str, Any]], check: bool = False) -> list[Filter]:
     """Filter stages for the job's ``filters:`` entries (one-key mappings ``{name: options}``).
 
-    Options are validated here; errors name the entry (``filters[0].clip_score.min: ...``). With
-    ``load`` the filters also check, in the driver, that what they need exists (model configs,
-    checkpoints), so a job fails before downloading anything; models themselves load in ``setup``.
+    Options are always validated, without touching models or files; errors name the entry
+    (``filters[0].clip_score.min: ...``). With ``check`` each filter's ``check()`` also runs (the
+    driver does this before any shard): what it needs at run time (model configs, checkpoints)
+    must exist, so a job fails before downloading anything.
     """
     stages: list[Filter] = []
     for n, entry in enumerate(entries):
@@ -48,18 +48,17 @@ def build_filters(entries: list[dict[str, Any]], spec: Any = None, load: bool = 
         stage = cls(cls.parse(raw, f"filters[{n}].{name}"))
         _check_order(stages, stage, n)
         stages.append(stage)
-    if load:
-        for n, stage in enumerate(stages):
-            try:
-                stage.check()
-            except ConfigError as e:
-                raise ConfigError(f"filters[{n}].{e}") from None
+    for n, stage in enumerate(stages if check else ()):
+        try:
+            stage.check()
+        except ConfigError as e:
+            raise ConfigError(f"filters[{n}].{e}") from None
     return stages
 
 
 def _check_order(before: list[Filter], stage: Filter, n: int) -> None:
     """Cross-filter requirements: near dedup on CLIP embeddings needs a clip_score that stores them."""
-    if isinstance(stage, NearDedupFilter) and stage.options.method == "clip":
-        if not any(isinstance(s, ClipScoreFilter) and s.options.store_embeddings for s in before):
+    if isinstance(stage, NearDedupFilter) and stage.config.method == "clip":
+        if not any(isinstance(s, ClipScoreFilter) and s.config.store_embeddings for s in before):
             raise ConfigError(f"filters[{n}].dedup_near.method: clip needs an earlier clip_score filter with "
                               "store_embeddings: true")

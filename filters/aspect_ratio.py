@@ -5,16 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from pipeline.core import schema
 from pipeline.core.config import ConfigError
-from pipeline.core.stage import Batch
 
-from .base import Filter
-from .image_size import Which, dimensions
+from .base import Filter, Row, Which
 
 
 @dataclass
-class AspectRatioOptions:
+class AspectRatioConfig:
     max: Optional[float] = 3.0
     min: float = 1.0
     which: Which = "original"
@@ -28,17 +25,16 @@ class AspectRatioOptions:
 
 class AspectRatioFilter(Filter):
     name = "aspect_ratio"
-    Options = AspectRatioOptions
+    Config = AspectRatioConfig
 
-    def __call__(self, batch: Batch) -> Batch:
-        o = self.options
-        for i in schema.alive(batch):
-            w, h = dimensions(batch, i, o.which)
-            if not w or not h:
-                continue
-            ratio = max(w, h) / min(w, h)
-            if o.max is not None and ratio > o.max:
-                self.reject(batch, i, f"{w}x{h}: aspect ratio {ratio:.2f} above {o.max:g}")
-            elif ratio < o.min:
-                self.reject(batch, i, f"{w}x{h}: aspect ratio {ratio:.2f} below {o.min:g}")
-        return batch
+    def problem(self, row: Row) -> Optional[str]:
+        w, h = row.size(self.config.which)
+        if not w or not h:
+            return None
+        c = self.config
+        ratio = max(w, h) / min(w, h)
+        if c.max is not None and ratio > c.max:
+            return f"{w}x{h}: aspect ratio {ratio:.2f} above {c.max:g}"
+        if ratio < c.min:
+            return f"{w}x{h}: aspect ratio {ratio:.2f} below {c.min:g}"
+        return None

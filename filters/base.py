@@ -1,55 +1,86 @@
-"""What every filter shares: an options dataclass read with ``pipeline.config.from_dict``, a
-``reject`` that records the filter's name as the error kind, and how a row's image is found."""
+"""What every filter shares. A filter is a stage that rejects rows; a subclass sets ``name`` and
+``Config`` (a dataclass of its options, read with :func:`pipeline.core.config.from_dict`) and
+writes one of:
+
+* ``problem(row) -> str | None``: a rule on one row (why it is rejected, None to keep it); the
+  base runs it over the rows still in the running;
+* ``process(batch)``: work over the whole batch (a model, dedup across rows), calling ``reject``.
+
+A rejected row gets status ``filtered`` with the filter's name as its error kind, so every shard's
+stats count rejections per filter.
+"""
 from __future__ import annotations
 
-import typing
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pipeline.core import schema
 from pipeline.core.config import from_dict, to_dict
-from pipeline.job.spec import DownloadSpec
-from pipeline.core.stage import Batch, Stage
+from pipeline.core.schema import Batch
+from pipeline.core.stage import Stage
 
-# The image of a row is stored under the download stage's encode_format extension.
-IMAGE_EXTS: tuple[str, ...] = typing.get_args(typing.get_type_hints(DownloadSpec)["encode_format"])
+Which = Literal["original", "stored"]  # the downloaded image, or the one written after resizing
 
 
-def image_of(files: dict[str, bytes]) -> Optional[bytes]:
-    for ext in IMAGE_EXTS:
-        data = files.get(ext)
-        if data:
-            return data
-    return None
+class Row:
+    """One row of a batch, read by column name: ``row["caption"]``, ``row.files``, ``row.image``."""
+
+    __slots__ = ("batch", "i")
+
+    def __init__(self, batch: Batch, i: int) -> None:
+        self.batch, self.i = batch, i
+
+    def __getitem__(self, column: str) -> Any:
+        return self.batch[column][self.i]
+
+    def get(self, column: str, default: Any = None) -> Any:
+        values = self.batch.get(column)
+        return default if values is None else values[self.i]
+
+    @property
+    def files(self) -> dict[str, bytes]:
+        return self.batch[schema.FILES][self.i]
+
+    @property
+    def image(self) -> Optional[bytes]:
+        return schema.image_of(self.files)
+
+    def size(self, which: Which = "original") -> tuple[Optional[int], Optional[int]]:
+        """(width, height) of the image as downloaded ("original") or as stored after resizing."""
+        if which == "original":
+            return self[schema.ORIGINAL_WIDTH], self[schema.ORIGINAL_HEIGHT]
+        return self[schema.WIDTH], self[schema.HEIGHT]
 
 
 class Filter(Stage):
-    """A stage that rejects rows. Subclasses set ``name`` and ``Options`` (a dataclass)."""
-
-    Options: ClassVar[type]
-
-    def __init__(self, options: Any) -> None:
-        self.options = options
+    Config: ClassVar[type]
 
     @classmethod
     def parse(cls, raw: Any, path: str) -> Any:
-        """The options from the job spec mapping (``path`` names it in error messages)."""
-        return from_dict(cls.Options, raw, path)
+        """The config from the job spec mapping (``path`` names it in error messages)."""
+        return from_dict(cls.Config, raw, path)
 
-    def check(self) -> None:
-        """Fail early, in the driver, when something the filter needs is missing (models, files)."""
+    def problem(self, row: Row) -> Optional[str]:
+        raise NotImplementedError(f"{type(self).__name__} defines neither problem() nor process()")
+
+    def process(self, batch: Batch) -> Batch:
+        for i in schema.alive(batch):
+            message = self.problem(Row(batch, i))
+            if message:
+                self.reject(batch, i, message)
+        return batch
 
     def reject(self, batch: Batch, i: int, message: str) -> None:
-        schema.mark(batch, i, kind=self.name, message=message)
+        schema.reject(batch, i, self.name, message)
 
-    def fingerprint(self) -> dict[str, Any] | None:
-        return {"filter": self.name, "options": to_dict(self.options)}
+    def fingerprint(self) -> Optional[dict[str, Any]]:
+        return {"filter": self.name, "options": to_dict(self.config)}
 
 
 def alive_with_image(batch: Batch) -> tuple[list[int], list[bytes]]:
     """Alive rows that carry an image, and those images (rows without one are left alone)."""
     idx, images = [], []
     for i in schema.alive(batch):
-        data = image_of(batch[schema.FILES][i])
+        data = schema.image_of(batch[schema.FILES][i])
         if data is not None:
             idx.append(i)
             images.append(data)

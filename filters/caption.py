@@ -8,13 +8,12 @@ from typing import Optional
 
 from pipeline.core import schema
 from pipeline.core.config import ConfigError
-from pipeline.core.stage import Batch
 
-from .base import Filter
+from .base import Filter, Row
 
 
 @dataclass
-class CaptionOptions:
+class CaptionConfig:
     min_words: int = 3
     max_words: Optional[int] = None
     min_chars: int = 6
@@ -39,15 +38,18 @@ class CaptionOptions:
 
 class CaptionFilter(Filter):
     name = "caption"
-    Options = CaptionOptions
+    Config = CaptionConfig
 
-    def __init__(self, options: CaptionOptions) -> None:
-        super().__init__(options)
-        self.must = [re.compile(p, re.IGNORECASE) for p in options.must_match]
-        self.must_not = [re.compile(p, re.IGNORECASE) for p in options.must_not_match]
+    def __init__(self, config: CaptionConfig) -> None:
+        super().__init__(config)
+        self.must = [re.compile(p, re.IGNORECASE) for p in config.must_match]
+        self.must_not = [re.compile(p, re.IGNORECASE) for p in config.must_not_match]
 
-    def problem(self, text: str) -> Optional[str]:
-        o = self.options
+    def problem(self, row: Row) -> Optional[str]:
+        return self.text_problem((row[schema.CAPTION] or "").strip())
+
+    def text_problem(self, text: str) -> Optional[str]:
+        o = self.config
         words, chars = len(text.split()), len(text)
         if words < o.min_words:
             return f"{words} words, fewer than {o.min_words}"
@@ -68,11 +70,3 @@ class CaptionFilter(Filter):
             if p.search(text):
                 return f"matches must_not_match {p.pattern!r}"
         return None
-
-    def __call__(self, batch: Batch) -> Batch:
-        captions = batch[schema.CAPTION]
-        for i in schema.alive(batch):
-            message = self.problem((captions[i] or "").strip())
-            if message:
-                self.reject(batch, i, message)
-        return batch

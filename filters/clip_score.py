@@ -20,7 +20,9 @@ import numpy as np
 from pipeline.core import schema
 from pipeline.media.npy import npy_bytes
 from pipeline.core.config import ConfigError, from_dict
-from pipeline.core.stage import Batch, JobContext, Resources
+from pipeline.core.model_stage import ModelStage
+from pipeline.core.schema import Batch
+from pipeline.core.stage import JobContext
 
 from .base import Filter, alive_with_image
 from .clip_model import RANDOM_WEIGHTS, absolute_if_path, file_digest, is_config_path
@@ -35,7 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class ClipScoreOptions:
+class ClipScoreConfig:
     model: str = "ViT-B-32"             # open_clip name, hf-hub:/local-dir: id, or a model config JSON
     pretrained: Optional[str] = None    # open_clip tag, checkpoint path, or "random" (benchmarks only)
     min: Optional[float] = None
@@ -65,88 +67,69 @@ class ClipScoreOptions:
             raise ConfigError(f"num_gpus: must be > 0, got {self.num_gpus}")
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-class ClipScoreFilter(Filter):
+class ClipScoreFilter(ModelStage, Filter):
     name = "clip_score"
-    Options = ClipScoreOptions
-    stateful = True  # on Ray: a pool of actors, each loading the model once
+    Config = ClipScoreConfig
 
-    def __init__(self, options: ClipScoreOptions) -> None:
-        # paths made absolute here, in the driver: actors may run in another directory
-        super().__init__(dataclasses.replace(options, model=absolute_if_path(options.model),
-                                             pretrained=absolute_if_path(options.pretrained)))
+    def __init__(self, config: ClipScoreConfig) -> None:
+        # paths made absolute here, in the driver: workers may run in another directory
+        super().__init__(dataclasses.replace(config, model=absolute_if_path(config.model),
+                                             pretrained=absolute_if_path(config.pretrained)))
         self.threshold: Optional[float] = None  # the top_fraction cut, from prepare() or restore()
-        self._scorer = None
         self._fingerprint: Optional[dict] = None
 
     @classmethod
-    def parse(cls, raw: Any, path: str) -> ClipScoreOptions:
+    def parse(cls, raw: Any, path: str) -> ClipScoreConfig:
         raw = dict(raw or {})
         preset = raw.pop("preset", None)
         if preset is not None:
             if preset not in PRESETS:
                 raise ConfigError(f"{path}.preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
             raw = {**PRESETS[preset], **raw}
-        return from_dict(ClipScoreOptions, raw, path)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_scorer": None}  # the model never travels: each worker loads it
-
-    def _device(self) -> str:
-        if self.options.device == "auto":
-            return "cuda" if _cuda_available() else "cpu"
-        return self.options.device
+        return from_dict(ClipScoreConfig, raw, path)
 
     @property
-    def resources(self) -> Resources:
-        return Resources(cpus=1, gpus=self.options.num_gpus if self._device() == "cuda" else 0)
+    def columns(self) -> dict[str, str]:
+        return {COLUMN: "double"}
 
     def check(self) -> None:
         import open_clip
 
         from .clip_model import register_model
 
-        o = self.options
-        if o.model.startswith(SCHEMAS):
+        c = self.config
+        if c.model.startswith(SCHEMAS):
             return  # resolved by open_clip when loading
-        name, _ = register_model(o.model)
+        name, _ = register_model(c.model)
         if open_clip.get_model_config(name) is None:
-            raise ConfigError(f"clip_score.model: {o.model!r} is neither an open_clip model "
+            raise ConfigError(f"clip_score.model: {c.model!r} is neither an open_clip model "
                               f"(see open_clip.list_models()) nor a model config JSON file")
         tags = open_clip.list_pretrained_tags_by_model(name)
-        if o.pretrained != RANDOM_WEIGHTS and not os.path.isfile(o.pretrained) and o.pretrained not in tags:
-            raise ConfigError(f"clip_score.pretrained: {o.pretrained!r} is not a checkpoint file nor an open_clip "
+        if c.pretrained != RANDOM_WEIGHTS and not os.path.isfile(c.pretrained) and c.pretrained not in tags:
+            raise ConfigError(f"clip_score.pretrained: {c.pretrained!r} is not a checkpoint file nor an open_clip "
                               f"tag of {name} (tags: {', '.join(tags) or 'none'})")
 
-    def setup(self) -> None:
-        if self._scorer is not None:
-            return
+    def load_model(self):
         from .clip_model import load_clip
         from .clip_scorer import ClipScorer
 
-        o = self.options
-        clip = load_clip(o.model, o.pretrained, device=self._device())
-        self._scorer = ClipScorer(clip, batch_size=o.batch_size, precision=o.precision, decode=o.decode,
-                                  draft=o.draft, threads=o.decode_threads)
+        c = self.config
+        clip = load_clip(c.model, c.pretrained, device=self.device)
+        return ClipScorer(clip, batch_size=c.batch_size, precision=c.precision, decode=c.decode,
+                          draft=c.draft, threads=c.decode_threads)
 
     def _score(self, batch: Batch, embeddings: bool = False):
         """Scores of the alive rows with an image; undecodable images are marked here."""
-        self.setup()
         idx, images = alive_with_image(batch)
         captions = [batch[schema.CAPTION][i] or "" for i in idx]
-        result = self._scorer.score(images, captions, embeddings=embeddings)
+        result = self.model.score(images, captions, embeddings=embeddings)
         for pos, message in result.errors.items():
             schema.mark(batch, idx[pos], "decode_error", f"{self.name}: {message}")
         ok = [p for p in range(len(idx)) if p not in result.errors]
         return idx, ok, result
 
-    def __call__(self, batch: Batch) -> Batch:
-        o = self.options
+    def process(self, batch: Batch) -> Batch:
+        o = self.config
         if o.top_fraction is not None and self.threshold is None:
             raise RuntimeError("clip_score: top_fraction needs its threshold: the job runs prepare() or "
                                "restore() before any shard")
@@ -167,15 +150,15 @@ class ClipScoreFilter(Filter):
 
     # -- the top_fraction threshold, once per job ------------------------------------------------
     def prepare(self, context: JobContext) -> dict[str, Any] | None:
-        fraction = self.options.top_fraction
+        fraction = self.config.top_fraction
         if fraction is None:
             return None
         scores: list[float] = []
-        for batch in context.sample_batches(self.options.sample_size):
+        for batch in context.sample_batches(self.config.sample_size):
             _, ok, result = self._score(batch)
             scores.extend(float(result.scores[p]) for p in ok)
         if not scores:
-            raise RuntimeError(f"clip_score: none of the first {self.options.sample_size} rows reached the filter "
+            raise RuntimeError(f"clip_score: none of the first {self.config.sample_size} rows reached the filter "
                                "with a decodable image, so the top_fraction threshold cannot be estimated")
         threshold = float(np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - fraction))
         return {"threshold": threshold, "top_fraction": fraction, "sample_size": len(scores)}
@@ -185,7 +168,7 @@ class ClipScoreFilter(Filter):
 
     def fingerprint(self) -> dict[str, Any]:
         if self._fingerprint is None:
-            o = self.options
+            o = self.config
             fp: dict[str, Any] = {"filter": self.name, "model": o.model, "pretrained": o.pretrained,
                                   "precision": o.precision, "decode": o.decode, "draft": o.draft}
             if is_config_path(o.model):

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.core import schema
-from pipeline.core.stage import Batch
+from pipeline.core.schema import Batch
 
-from .base import Filter, image_of
+from .base import Filter
 
 GROUP = "exact_group"
 
 
 @dataclass
-class ExactDedupOptions:
+class ExactDedupConfig:
     scope: Literal["job", "shard"] = "job"  # "shard": duplicates only within a shard, no shard order needed
 
 
@@ -31,22 +31,29 @@ def _digest(hex_sha256: str) -> bytes:
 
 class ExactDedupFilter(Filter):
     name = "dedup_exact"
-    Options = ExactDedupOptions
+    Config = ExactDedupConfig
 
-    def __init__(self, options: ExactDedupOptions) -> None:
-        super().__init__(options)
-        self.ordered = options.scope == "job"
+    def __init__(self, config: ExactDedupConfig) -> None:
+        super().__init__(config)
         self.first: dict[bytes, str] = {}  # digest -> key of the first sample with it
 
-    def __call__(self, batch: Batch) -> Batch:
-        if self.options.scope == "shard":
+    @property
+    def ordered(self) -> bool:
+        return self.config.scope == "job"
+
+    @property
+    def columns(self) -> dict[str, str]:
+        return {GROUP: "string"}
+
+    def process(self, batch: Batch) -> Batch:
+        if self.config.scope == "shard":
             self.first = {}
         keys, files = batch[schema.KEY], batch[schema.FILES]
         hashes = batch.setdefault(schema.SHA256, [None] * len(keys))
         groups = batch.setdefault(GROUP, [None] * len(keys))
         for i in schema.alive(batch):
             if not hashes[i]:
-                image = image_of(files[i])
+                image = schema.image_of(files[i])
                 if image is None:
                     continue
                 hashes[i] = hashlib.sha256(image).hexdigest()
@@ -58,7 +65,7 @@ class ExactDedupFilter(Filter):
         return batch
 
     def resume(self, written: Batch) -> None:
-        if self.options.scope == "shard" or GROUP not in written:
+        if self.config.scope == "shard" or GROUP not in written:
             return
         for key, sha, group in zip(written[schema.KEY], written[schema.SHA256], written[GROUP]):
             if group == key and sha:

@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.core import schema
 from pipeline.media.npy import read_npy
 from pipeline.core.config import ConfigError
-from pipeline.core.stage import Batch
+from pipeline.core.schema import Batch
 
 from .base import Filter, alive_with_image
 from .perceptual import BITS, HASHES, HammingIndex
@@ -31,7 +31,7 @@ EMBEDDING_FILE = "clip.npy"
 
 
 @dataclass
-class NearDedupOptions:
+class NearDedupConfig:
     method: Literal["phash", "dhash", "clip"] = "phash"
     max_distance: int = 4        # bits out of 64, for phash / dhash
     min_cosine: float = 0.95     # for clip
@@ -49,19 +49,27 @@ class NearDedupOptions:
 
 class NearDedupFilter(Filter):
     name = "dedup_near"
-    Options = NearDedupOptions
+    Config = NearDedupConfig
 
-    def __init__(self, options: NearDedupOptions) -> None:
-        super().__init__(options)
-        self.ordered = options.scope == "job"
-        self.index = HammingIndex(options.max_distance)
+    def __init__(self, config: NearDedupConfig) -> None:
+        super().__init__(config)
+        self.index = HammingIndex(config.max_distance)
 
-    def __call__(self, batch: Batch) -> Batch:
-        if self.options.method == "clip":
+    @property
+    def ordered(self) -> bool:
+        return self.config.scope == "job"
+
+    @property
+    def columns(self) -> dict[str, str]:
+        hashes = {} if self.config.method == "clip" else {self.config.method: "string"}
+        return {**hashes, GROUP: "string"}
+
+    def process(self, batch: Batch) -> Batch:
+        if self.config.method == "clip":
             return self._by_embedding(batch)
-        if self.options.scope == "shard":
-            self.index = HammingIndex(self.options.max_distance)
-        hash_fn = HASHES[self.options.method]
+        if self.config.scope == "shard":
+            self.index = HammingIndex(self.config.max_distance)
+        hash_fn = HASHES[self.config.method]
         keys = batch[schema.KEY]
         idx, images = alive_with_image(batch)
         hashes, groups = [], []
@@ -79,9 +87,9 @@ class NearDedupFilter(Filter):
                 groups.append(keys[i])
             else:
                 groups.append(match[0])
-                self.reject(batch, i, f"{self.options.method} within {match[1]} bits of {match[0]}")
+                self.reject(batch, i, f"{self.config.method} within {match[1]} bits of {match[0]}")
             hashes.append(f"{h:016x}")
-        schema.set_column(batch, self.options.method, idx, hashes)
+        schema.set_column(batch, self.config.method, idx, hashes)
         schema.set_column(batch, GROUP, idx, groups)
         return batch
 
@@ -97,8 +105,8 @@ class NearDedupFilter(Filter):
         for p, i in enumerate(idx):  # greedy in key order; one matrix-vector product per row
             if kept:
                 sims = emb[kept] @ emb[p]
-                best = int(np.argmax(sims >= self.options.min_cosine))
-                if sims[best] >= self.options.min_cosine:
+                best = int(np.argmax(sims >= self.config.min_cosine))
+                if sims[best] >= self.config.min_cosine:
                     first = keys[idx[kept[best]]]
                     groups.append(first)
                     self.reject(batch, i, f"clip cosine {sims[best]:.3f} with {first}")
@@ -109,8 +117,8 @@ class NearDedupFilter(Filter):
         return batch
 
     def resume(self, written: Batch) -> None:
-        column = self.options.method
-        if self.options.scope == "shard" or column not in written or GROUP not in written:
+        column = self.config.method
+        if self.config.scope == "shard" or column not in written or GROUP not in written:
             return
         for key, h, group in zip(written[schema.KEY], written[column], written[GROUP]):
             if group == key and h:

@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
-from pipeline.core import schema
 from pipeline.core.config import ConfigError
-from pipeline.core.stage import Batch
 
-from .base import Filter
-
-Which = Literal["original", "stored"]  # the downloaded image, or the one written after resizing
-
-
-def dimensions(batch: Batch, i: int, which: Which) -> tuple[Optional[int], Optional[int]]:
-    if which == "original":
-        return batch[schema.ORIGINAL_WIDTH][i], batch[schema.ORIGINAL_HEIGHT][i]
-    return batch[schema.WIDTH][i], batch[schema.HEIGHT][i]
+from .base import Filter, Row, Which
 
 
 @dataclass
-class ImageSizeOptions:
+class ImageSizeConfig:
     min_side: int = 0
     max_side: Optional[int] = None
     min_width: int = 0
@@ -42,28 +32,21 @@ class ImageSizeOptions:
 
 class ImageSizeFilter(Filter):
     name = "image_size"
-    Options = ImageSizeOptions
+    Config = ImageSizeConfig
 
-    def problem(self, w: int, h: int) -> Optional[str]:
-        o = self.options
-        if min(w, h) < o.min_side:
-            return f"{w}x{h}: shorter side below {o.min_side}"
-        if o.max_side is not None and max(w, h) > o.max_side:
-            return f"{w}x{h}: longer side above {o.max_side}"
-        if w < o.min_width or h < o.min_height:
-            return f"{w}x{h}: below {o.min_width}x{o.min_height}"
-        if w * h < o.min_area:
-            return f"{w}x{h}: area below {o.min_area}"
-        if o.max_area is not None and w * h > o.max_area:
-            return f"{w}x{h}: area above {o.max_area}"
+    def problem(self, row: Row) -> Optional[str]:
+        w, h = row.size(self.config.which)
+        if w is None or h is None:  # no size to judge (e.g. not an image): leave it to others
+            return None
+        c = self.config
+        if min(w, h) < c.min_side:
+            return f"{w}x{h}: shorter side below {c.min_side}"
+        if c.max_side is not None and max(w, h) > c.max_side:
+            return f"{w}x{h}: longer side above {c.max_side}"
+        if w < c.min_width or h < c.min_height:
+            return f"{w}x{h}: below {c.min_width}x{c.min_height}"
+        if w * h < c.min_area:
+            return f"{w}x{h}: area below {c.min_area}"
+        if c.max_area is not None and w * h > c.max_area:
+            return f"{w}x{h}: area above {c.max_area}"
         return None
-
-    def __call__(self, batch: Batch) -> Batch:
-        for i in schema.alive(batch):
-            w, h = dimensions(batch, i, self.options.which)
-            if w is None or h is None:  # no size to judge (e.g. not an image): leave it to others
-                continue
-            message = self.problem(w, h)
-            if message:
-                self.reject(batch, i, message)
-        return batch

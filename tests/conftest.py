@@ -20,7 +20,7 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.executors.ray import pin_ray_to_loopback
+    from pipeline.executors.ray_connect import pin_ray_to_loopback
 
     pin_ray_to_loopback()
 

@@ -93,7 +93,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from PIL import Image
 
-from pipeline.fetch.client import FetchConfig
+from pipeline.fetch import FetchConfig
 from pipeline.core.schema import FAILED_TO_DECODE, FAILED_TO_DOWNLOAD, SUCCESS
 from pipeline.testing.serve import LocalServer
 

@@ -224,12 +224,12 @@ def test_hub_dataset_loads_with_datasets_from_the_same_cache(offline_hub, tmp_pa
 # -- through the shard planner (the lead's pipeline.reader), as a job runs it ------------------------
 
 def test_planner_reads_a_catalog_input():
-    from pipeline.sources.reader import plan_shards
+    from pipeline.job.build import input_shards
     from pipeline.job.spec import load_job
 
     spec = load_job(data={"input": {"catalog": "panda-70m", "files": sample("panda-70m")},
                           "output": {"dir": "out/x", "samples_per_shard": 3}})
-    shards = list(plan_shards(spec))
+    shards = list(input_shards(spec))
     assert [len(s.batch["key"]) for s in shards] == [3, 1]
     first = shards[0].batch
     assert first["clip_start"] == pytest.approx([0.0, 5.005, 70.5])

@@ -24,7 +24,7 @@ HELD_OUT_SEED = 424242  # the model trained on seed 0 and was evaluated on seed 
 
 def clip_stage(**options):
     entry = {"model": str(CONFIG), "pretrained": str(WEIGHTS), "batch_size": 64, **options}
-    [stage] = build_filters([{"clip_score": entry}], None)
+    [stage] = build_filters([{"clip_score": entry}], check=True)
     return stage
 
 
@@ -42,7 +42,7 @@ def pairs_batch(n, seed=HELD_OUT_SEED, shuffle_odd=True, size=64, shard_id=0):
 def scored():
     """One stage run over 400 held-out pairs, half of them mismatched, with no rule."""
     stage = clip_stage()
-    return stage(pairs_batch(400))
+    return stage.process(pairs_batch(400))
 
 
 def test_tiny_clip_separates_matched_from_shuffled_captions(scored):
@@ -54,7 +54,7 @@ def test_tiny_clip_separates_matched_from_shuffled_captions(scored):
 
 def test_min_rule_removes_shuffled_captions():
     threshold = json.loads((MODEL_DIR / "metrics.json").read_text())["threshold"]
-    out = clip_stage(min=threshold)(pairs_batch(200))
+    out = clip_stage(min=threshold).process(pairs_batch(200))
     matched_kept = np.mean([s == schema.PENDING for s in out[schema.STATUS][0::2]])
     shuffled_removed = np.mean([k == "clip_score" for k in out[schema.ERROR_KIND][1::2]])
     assert matched_kept >= 0.9 and shuffled_removed >= 0.9, (matched_kept, shuffled_removed)
@@ -86,18 +86,18 @@ def test_scores_equal_a_plain_open_clip_computation():
     b = pairs_batch(150)
     images = [f["jpg"] for f in b[schema.FILES]]
     expected = plain_open_clip_scores(images, b[schema.CAPTION])
-    exact = clip_stage(draft=False, decode_threads=3)(b)  # 150 rows: 3 model batches of 64
+    exact = clip_stage(draft=False, decode_threads=3).process(b)  # 150 rows: 3 model batches of 64
     np.testing.assert_allclose(exact["clip_score"], expected, atol=1e-4)
     # stored images under twice the model's input (like 256 px for a 224 px model): the default is exact
     small = pairs_batch(40, size=48)
-    np.testing.assert_allclose(clip_stage()(small)["clip_score"],
+    np.testing.assert_allclose(clip_stage().process(small)["clip_score"],
                                plain_open_clip_scores([f["jpg"] for f in small[schema.FILES]], small[schema.CAPTION]),
                                atol=1e-4)
     # the default decodes these 64 px JPEGs at 32 px in the DCT domain: close, not identical
-    fast = clip_stage()(pairs_batch(150))
+    fast = clip_stage().process(pairs_batch(150))
     np.testing.assert_allclose(fast["clip_score"], expected, atol=0.05)
     # nvJPEG-style tensor path, run on the CPU here: same model, tensor resize
-    tensor = clip_stage(decode="torch")(pairs_batch(150))
+    tensor = clip_stage(decode="torch").process(pairs_batch(150))
     np.testing.assert_allclose(tensor["clip_score"], expected, atol=0.05)
 
 
@@ -114,16 +114,16 @@ def test_top_fraction_threshold_comes_from_the_sample_pass_and_is_reused():
 
     stage = clip_stage(top_fraction=0.5, sample_size=150)
     with pytest.raises(RuntimeError, match="top_fraction needs its threshold"):
-        stage(pairs_batch(4))
-    state = stage.prepare(JobContext(spec=None, sample_batches=sample_batches))
+        stage.process(pairs_batch(4))
+    state = stage.prepare(JobContext(sample_batches=sample_batches))
     assert state["sample_size"] == 150 and state["top_fraction"] == 0.5
-    again = clip_stage(top_fraction=0.5, sample_size=150).prepare(JobContext(None, sample_batches))
+    again = clip_stage(top_fraction=0.5, sample_size=150).prepare(JobContext(sample_batches))
     assert again == state  # deterministic for a given input
     json.dumps(state)  # stored in manifest.json
 
     resumed = clip_stage(top_fraction=0.5, sample_size=150)
     resumed.restore(json.loads(json.dumps(state)))
-    out = resumed(shards[2])  # a shard the sample pass never saw
+    out = resumed.process(shards[2])  # a shard the sample pass never saw
     kept = [s == schema.PENDING for s in out[schema.STATUS]]
     assert 0.35 <= np.mean(kept) <= 0.65
     scores = np.asarray(out["clip_score"])
@@ -132,7 +132,7 @@ def test_top_fraction_threshold_comes_from_the_sample_pass_and_is_reused():
 
 
 def test_embeddings_are_stored_for_kept_samples():
-    out = clip_stage(min=-1.0, store_embeddings=True)(pairs_batch(6))
+    out = clip_stage(min=-1.0, store_embeddings=True).process(pairs_batch(6))
     emb = np.load(io.BytesIO(out[schema.FILES][0]["clip.npy"]))
     assert emb.dtype == np.float16 and emb.shape == (64,)
     assert abs(np.linalg.norm(emb.astype(np.float32)) - 1) < 1e-2
@@ -145,7 +145,7 @@ def test_undecodable_image_fails_alone_and_dead_rows_are_skipped():
     b[schema.STATUS][3] = schema.FAILED_TO_DOWNLOAD
     b[schema.FILES][3] = {}
     for decode in ("pil", "torch"):
-        out = clip_stage(decode=decode)({k: list(v) for k, v in b.items()})
+        out = clip_stage(decode=decode).process({k: list(v) for k, v in b.items()})
         assert out[schema.ERROR_KIND][1] == "decode_error" and out[schema.STATUS][1] == schema.FAILED_TO_DECODE
         assert out["clip_score"][1] is None and out["clip_score"][3] is None
         assert all(isinstance(out["clip_score"][i], float) for i in (0, 2, 4))
@@ -159,7 +159,8 @@ def test_stage_travels_to_workers_without_its_model():
     assert len(blob) < 10_000  # options and threshold only
     worker = pickle.loads(blob)
     worker.setup()
-    np.testing.assert_allclose(worker(pairs_batch(4))["clip_score"], stage(pairs_batch(4))["clip_score"], atol=1e-6)
+    np.testing.assert_allclose(worker.process(pairs_batch(4))["clip_score"], stage.process(pairs_batch(4))["clip_score"],
+                               atol=1e-6)
 
 
 def test_fingerprint_names_the_weights():

@@ -7,18 +7,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core import schema
-from pipeline.executors.ray import CompletedShard, LocalExecutor, RayExecutor
-from pipeline.sources.reader import plan_shards
-from pipeline.job.spec import load_job
 from pipeline.core.stage import Resources, Stage
-from pipeline.sinks.webdataset import is_complete
+from pipeline.executors import LocalExecutor, RayExecutor
+from pipeline.job.build import build_sink, input_shards
+from pipeline.job.spec import load_job
 
 
 class FakeDownload(Stage):
     """Stands in for the network: the 'image' is the URL's bytes."""
     name = "download"
 
-    def __call__(self, batch):
+    def process(self, batch):
         for i in schema.alive(batch):
             batch[schema.STATUS][i] = schema.SUCCESS
             batch[schema.FILES][i]["jpg"] = batch[schema.URL][i].encode()
@@ -31,6 +30,7 @@ class SetupCounter(Stage):
     stateful = True
 
     def __init__(self):
+        super().__init__()
         self.setups = 0
 
     @property
@@ -40,7 +40,7 @@ class SetupCounter(Stage):
     def setup(self):
         self.setups += 1
 
-    def __call__(self, batch):
+    def process(self, batch):
         idx = schema.alive(batch)
         schema.set_column(batch, "model_setups", idx, [self.setups] * len(idx))
         schema.set_column(batch, "model_pid", idx, [os.getpid()] * len(idx))
@@ -50,19 +50,23 @@ class SetupCounter(Stage):
 class SeenBefore(Stage):
     """Ordered: filters a URL already seen in an earlier row of the job (exact dedup by URL)."""
     name = "seen_before"
-    ordered = True
 
     def __init__(self):
+        super().__init__()
         self.seen = set()
+
+    @property
+    def ordered(self):
+        return True
 
     def resume(self, written):
         self.seen.update(u for u, s in zip(written[schema.URL], written[schema.STATUS]) if s == schema.SUCCESS)
 
-    def __call__(self, batch):
+    def process(self, batch):
         for i in schema.alive(batch):
             url = batch[schema.URL][i]
             if url in self.seen:
-                schema.mark(batch, i, "seen_before", "duplicate URL")
+                schema.reject(batch, i, self.name, "duplicate URL")
             else:
                 self.seen.add(url)
         return batch
@@ -89,22 +93,17 @@ def make_spec(tmp_path, name, engine="local", **execution):
                           "execution": {"engine": engine, "progress": False, **execution}})
 
 
-def run(executor, spec, stages, skip=()):
-    out = spec.output.dir
+def run(executor, spec, stages):
+    """Run ``stages`` over the spec's shards; the ids written now (complete ones are skipped)."""
     done, errors = [], {}
 
-    def shards():
-        for shard in plan_shards(spec):
-            if shard.shard_id in skip:
-                table = pq.read_table(f"{out}/{shard.shard_id:05d}.parquet").to_pydict()
-                yield CompletedShard(shard.shard_id, lambda t=table: t)
-            else:
-                yield shard
+    def on_done(outcome):
+        if not outcome.skipped:
+            (done.append(outcome.shard_id) if outcome.ok else errors.__setitem__(outcome.shard_id, outcome.error))
 
-    def on_done(shard_id, stats, error):
-        (done.append(shard_id) if stats else errors.__setitem__(shard_id, error))
-
-    executor.run(shards(), stages, spec.output.dir, on_done)
+    sink = build_sink(spec, stages)
+    sink.open()
+    executor.run(input_shards(spec), stages, sink, on_done)
     assert not errors, errors
     return sorted(done)
 
@@ -119,7 +118,7 @@ def tables(out_dir, drop=("model_pid", "model_setups")):
 
 def test_ordered_stage_matches_a_sequential_pass(tmp_path):
     spec = make_spec(tmp_path, "local")
-    assert run(LocalExecutor(spec), spec, [FakeDownload(), SeenBefore()]) == list(range(8))
+    assert run(LocalExecutor(spec.execution), spec, [FakeDownload(), SeenBefore()]) == list(range(8))
     got = tables(tmp_path / "local")
     kept = [u for t in got.values() for u, s in zip(t["url"], t["status"]) if s == "success"]
     assert kept == [f"http://example.test/{i}.jpg" for i in range(17)]  # first occurrence wins
@@ -127,9 +126,9 @@ def test_ordered_stage_matches_a_sequential_pass(tmp_path):
 
 def test_ray_gives_the_same_shards_and_sets_models_up_once(tmp_path, ray_cluster):
     local = make_spec(tmp_path, "local")
-    run(LocalExecutor(local), local, [FakeDownload(), SetupCounter(), SeenBefore()])
+    run(LocalExecutor(local.execution), local, [FakeDownload(), SetupCounter(), SeenBefore()])
     spec = make_spec(tmp_path, "ray", engine="ray", address=ray_cluster.address, max_shards_in_flight=4)
-    assert run(RayExecutor(spec), spec, [FakeDownload(), SetupCounter(), SeenBefore()]) == list(range(8))
+    assert run(RayExecutor(spec.execution), spec, [FakeDownload(), SetupCounter(), SeenBefore()]) == list(range(8))
     assert tables(tmp_path / "ray") == tables(tmp_path / "local")
     model = tables(tmp_path / "ray", drop=())
     setups = {v for t in model.values() for v in t["model_setups"] if v is not None}
@@ -143,19 +142,21 @@ def test_ordered_state_is_rebuilt_from_complete_shards_on_resume(tmp_path, engin
     if engine == "ray":
         extra["address"] = request.getfixturevalue("ray_cluster").address
     reference = make_spec(tmp_path, "ref")
-    run(LocalExecutor(reference), reference, [FakeDownload(), SeenBefore()])
+    run(LocalExecutor(reference.execution), reference, [FakeDownload(), SeenBefore()])
     spec = make_spec(tmp_path, "resumed", engine=engine, **extra)
     # a first run that completed shards 0, 2 and 5 only
-    partial = [s for s in plan_shards(spec) if s.shard_id in (0, 2, 5)]
-    stage = SeenBefore()
-    LocalExecutor(spec).run(iter(partial), [FakeDownload(), stage], spec.output.dir, lambda *a: None)
+    partial = [s for s in input_shards(spec) if s.shard_id in (0, 2, 5)]
+    stages = [FakeDownload(), SeenBefore()]
+    sink = build_sink(spec, stages)
+    sink.open()
+    LocalExecutor(spec.execution).run(iter(partial), stages, sink, lambda outcome: None)
     # that run's shard 2 and 5 saw only shards before them that it had processed: rewrite them as an
     # uninterrupted run would have (the point is the resume below, not this setup)
     for sid in (2, 5):
         for suffix in (".tar", ".parquet", "_stats.json"):
             (tmp_path / "resumed" / f"{sid:05d}{suffix}").write_bytes((tmp_path / "ref" / f"{sid:05d}{suffix}").read_bytes())
-    executor = LocalExecutor(spec) if engine == "local" else RayExecutor(spec)
-    done = run(executor, spec, [FakeDownload(), SeenBefore()], skip={0, 2, 5})
+    executor = LocalExecutor(spec.execution) if engine == "local" else RayExecutor(spec.execution)
+    done = run(executor, spec, [FakeDownload(), SeenBefore()])
     assert done == [1, 3, 4, 6, 7]
-    assert all(is_complete(tmp_path / "resumed", i) for i in range(8))
+    assert all(sink.is_complete(i) for i in range(8))
     assert tables(tmp_path / "resumed") == tables(tmp_path / "ref")

@@ -14,7 +14,7 @@ from pipeline.job.spec import load_job
 
 
 def build(name, **options):
-    [stage] = build_filters([{name: options}], None, load=False)
+    [stage] = build_filters([{name: options}])
     return stage
 
 
@@ -29,7 +29,7 @@ def statuses(b):
 # -- build_filters -------------------------------------------------------------------------------
 def test_unknown_filter_lists_the_known_ones():
     with pytest.raises(ConfigError, match=r"filters\[1\]: unknown filter 'clip'.*aspect_ratio, caption, clip_score"):
-        build_filters([{"caption": {}}, {"clip": {}}], None, load=False)
+        build_filters([{"caption": {}}, {"clip": {}}])
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -48,25 +48,25 @@ def test_unknown_filter_lists_the_known_ones():
 ])
 def test_bad_options_name_their_path(entry, message):
     with pytest.raises(ConfigError, match=message):
-        build_filters([entry], None, load=False)
+        build_filters([entry])
 
 
 def test_presets_fill_in_and_keys_next_to_them_win():
-    laion = build("clip_score", preset="laion").options
+    laion = build("clip_score", preset="laion").config
     assert (laion.model, laion.pretrained, laion.min, laion.top_fraction) == ("ViT-B-32", "openai", 0.28, None)
-    datacomp = build("clip_score", preset="datacomp", batch_size=64).options
+    datacomp = build("clip_score", preset="datacomp", batch_size=64).config
     assert (datacomp.model, datacomp.top_fraction, datacomp.batch_size) == ("ViT-L-14", 0.3, 64)
-    assert build("clip_score", preset="laion", min=0.3).options.min == 0.3
+    assert build("clip_score", preset="laion", min=0.3).config.min == 0.3
 
 
 def test_load_checks_that_the_checkpoint_exists(tmp_path):
     entry = [{"clip_score": {"model": "ViT-B-32", "pretrained": str(tmp_path / "missing.pt")}}]
-    build_filters(entry, None, load=False)  # validation alone does not look for files
+    build_filters(entry)  # validation alone does not look for files
     with pytest.raises(ConfigError, match=r"filters\[0\]\.clip_score\.pretrained: .*missing.pt' is not a "
                                           r"checkpoint file nor an open_clip tag of ViT-B-32"):
-        build_filters(entry, None, load=True)
+        build_filters(entry, check=True)
     with pytest.raises(ConfigError, match=r"filters\[0\]\.clip_score\.model: 'ViT-Q-99' is neither an open_clip model"):
-        build_filters([{"clip_score": {"model": "ViT-Q-99", "pretrained": "random"}}], None, load=True)
+        build_filters([{"clip_score": {"model": "ViT-Q-99", "pretrained": "random"}}], check=True)
 
 
 def test_job_spec_validates_filters(tmp_path):
@@ -80,7 +80,7 @@ def test_job_spec_validates_filters(tmp_path):
 def test_every_filter_is_a_small_stage_with_a_name():
     for name, cls in FILTERS.items():
         assert cls.name == name
-        assert cls.Options.__dataclass_fields__ is not None
+        assert cls.Config.__dataclass_fields__ is not None
 
 
 # -- rule filters --------------------------------------------------------------------------------
@@ -89,13 +89,13 @@ def test_image_size_uses_original_sizes_by_default():
     b[schema.ORIGINAL_WIDTH] = [300, 150, 300, 5000]
     b[schema.ORIGINAL_HEIGHT] = [300, 300, 199, 4000]
     b[schema.STATUS][2] = schema.FAILED_TO_DOWNLOAD  # already failed rows are left alone
-    out = build("image_size", min_side=200, max_area=10_000_000)(b)
+    out = build("image_size", min_side=200, max_area=10_000_000).process(b)
     assert statuses(out) == [("pending", None), ("filtered", "image_size"), ("failed_to_download", None),
                              ("filtered", "image_size")]
     assert "shorter side below 200" in out[schema.ERROR_MESSAGE][1]
     assert "area above 10000000" in out[schema.ERROR_MESSAGE][3]
     assert out[schema.FILES][1] == {}  # a filtered sample's files are dropped
-    stored = build("image_size", min_side=100, which="stored")(batch(1))  # stored images are 64 px
+    stored = build("image_size", min_side=100, which="stored").process(batch(1))  # stored images are 64 px
     assert statuses(stored) == [("filtered", "image_size")]
 
 
@@ -103,10 +103,10 @@ def test_aspect_ratio():
     b = batch(4)
     b[schema.ORIGINAL_WIDTH] = [300, 1000, 100, 250]
     b[schema.ORIGINAL_HEIGHT] = [300, 300, 301, None]  # unknown size: not judged
-    out = build("aspect_ratio", max=3.0)(b)
+    out = build("aspect_ratio", max=3.0).process(b)
     assert [k for _, k in statuses(out)] == [None, "aspect_ratio", "aspect_ratio", None]
     assert out[schema.ERROR_MESSAGE][1] == "1000x300: aspect ratio 3.33 above 3"
-    wide = build("aspect_ratio", min=2.0, max=None)(batch(1))
+    wide = build("aspect_ratio", min=2.0, max=None).process(batch(1))
     assert statuses(wide) == [("filtered", "aspect_ratio")]
 
 
@@ -114,13 +114,13 @@ def test_caption_rules_default_to_datacomp_basic():
     b = batch(7)
     b[schema.CAPTION] = ["a red circle", "red circle", "a b c", None, "IMG_0042.JPG from my camera",
                          "a photo of a cat", "buy cheap pills now"]
-    out = build("caption", min_alpha_fraction=0.5, must_not_match=[r"\bcheap\b"])(b)
+    out = build("caption", min_alpha_fraction=0.5, must_not_match=[r"\bcheap\b"]).process(b)
     kinds = [k for _, k in statuses(out)]
     assert kinds == [None, "caption", "caption", "caption", None, None, "caption"]
     msgs = out[schema.ERROR_MESSAGE]
     assert msgs[1] == "2 words, fewer than 3" and msgs[2] == "5 characters, fewer than 6"
     assert msgs[6] == r"matches must_not_match '\\bcheap\\b'"
-    out = build("caption", min_alpha_fraction=0.8, must_match=["photo|picture"])(batch(2))
+    out = build("caption", min_alpha_fraction=0.8, must_match=["photo|picture"]).process(batch(2))
     assert [k for _, k in statuses(out)] == [None, "caption"]  # caption 1 has no "photo"
 
 
@@ -136,7 +136,7 @@ def duplicated_shards():
 def test_dedup_exact_keeps_the_first_by_key_across_shards():
     stage = build("dedup_exact")
     assert stage.ordered
-    a, b = (stage(s) for s in duplicated_shards())
+    a, b = (stage.process(s) for s in duplicated_shards())
     assert [k for _, k in statuses(a)] == [None, None, "dedup_exact", None, None, "dedup_exact"]
     assert [k for _, k in statuses(b)] == [None, "dedup_exact", None, "dedup_exact", None, "dedup_exact"]
     k = b[schema.KEY]
@@ -147,8 +147,8 @@ def test_dedup_exact_keeps_the_first_by_key_across_shards():
 def test_dedup_exact_per_shard_scope_forgets_between_shards():
     stage = build("dedup_exact", scope="shard")
     assert not stage.ordered
-    stage(duplicated_shards()[0])
-    b = stage(duplicated_shards()[1])
+    stage.process(duplicated_shards()[0])
+    b = stage.process(duplicated_shards()[1])
     assert [k for _, k in statuses(b)] == [None, None, None, "dedup_exact", None, None]
 
 
@@ -159,14 +159,14 @@ def test_dedup_exact_resume_matches_an_uninterrupted_run():
         first, second = shards
         first[schema.CAPTION][1] = "x"  # the caption filter (before dedup) drops row 1
         caption = build("caption", min_words=1, min_chars=2)
-        first = stage(caption(first))
+        first = stage.process(caption.process(first))
         first[schema.STATUS][3] = schema.FILTERED  # a later filter drops row 3 (its hash was seen)
         first[schema.ERROR_KIND][3] = "clip_score"
         if resume_first:
             table = {k: v for k, v in first.items() if k != schema.FILES}  # what the parquet holds
             stage = build("dedup_exact")
             stage.resume(table)
-        return stage(caption(second))
+        return stage.process(caption.process(second))
 
     straight = run(build("dedup_exact"), duplicated_shards())
     resumed = run(build("dedup_exact"), duplicated_shards(), resume_first=True)
@@ -180,7 +180,7 @@ def test_dedup_exact_hashes_images_without_sha256():
     b = batch(3)
     b[schema.FILES][2] = dict(b[schema.FILES][0])
     b[schema.SHA256] = [None, None, None]
-    out = build("dedup_exact")(b)
+    out = build("dedup_exact").process(b)
     assert [k for _, k in statuses(out)] == [None, None, "dedup_exact"]
     assert out[schema.SHA256][0] == out[schema.SHA256][2] is not None
 
@@ -245,24 +245,24 @@ def near_duplicate_batch(shard_id=0, seed=5):
 def test_dedup_near_drops_resized_and_blurred_copies_across_shards():
     stage = build("dedup_near", method="phash", max_distance=6)
     assert stage.ordered
-    a = stage(near_duplicate_batch())
+    a = stage.process(near_duplicate_batch())
     assert [k for _, k in statuses(a)] == [None, "dedup_near", None, None, "dedup_near", None]
     assert a["near_group"][1] == a[schema.KEY][0] and a["near_group"][4] == a[schema.KEY][3]
     assert all(len(h) == 16 for h in a["phash"])
-    b = stage(near_duplicate_batch(shard_id=1))  # the same images again in the next shard
+    b = stage.process(near_duplicate_batch(shard_id=1))  # the same images again in the next shard
     assert [k for _, k in statuses(b)] == ["dedup_near"] * 6
     assert b["near_group"] == [a[schema.KEY][g] for g in (0, 0, 2, 3, 3, 5)]
 
 
 def test_dedup_near_resume_rebuilds_the_index():
     straight = build("dedup_near", method="dhash", max_distance=6)
-    straight(near_duplicate_batch())
-    expected = straight(near_duplicate_batch(shard_id=1))
-    written = {k: v for k, v in build("dedup_near", method="dhash", max_distance=6)(near_duplicate_batch()).items()
+    straight.process(near_duplicate_batch())
+    expected = straight.process(near_duplicate_batch(shard_id=1))
+    written = {k: v for k, v in build("dedup_near", method="dhash", max_distance=6).process(near_duplicate_batch()).items()
                if k != schema.FILES}
     resumed = build("dedup_near", method="dhash", max_distance=6)
     resumed.resume(written)
-    assert statuses(resumed(near_duplicate_batch(shard_id=1))) == statuses(expected)
+    assert statuses(resumed.process(near_duplicate_batch(shard_id=1))) == statuses(expected)
 
 
 def test_dedup_near_on_clip_embeddings():
@@ -273,9 +273,8 @@ def test_dedup_near_on_clip_embeddings():
         np.save(buf, v)
         files["clip.npy"] = buf.getvalue()
     stage = build_filters([{"clip_score": {"pretrained": "random", "store_embeddings": True}},
-                           {"dedup_near": {"method": "clip", "scope": "shard", "min_cosine": 0.95}}],
-                          None, load=False)[1]
-    out = stage(b)
+                           {"dedup_near": {"method": "clip", "scope": "shard", "min_cosine": 0.95}}])[1]
+    out = stage.process(b)
     assert [k for _, k in statuses(out)] == [None, "dedup_near", None, None]
     assert out[schema.ERROR_MESSAGE][1].startswith("clip cosine 0.99")
     assert not stage.ordered
@@ -284,6 +283,6 @@ def test_dedup_near_on_clip_embeddings():
 def test_undecodable_images_fail_alone():
     b = batch(3)
     b[schema.FILES][1] = {"jpg": b"\xff\xd8\xff not really a jpeg"}
-    out = build("dedup_near")(b)
+    out = build("dedup_near").process(b)
     assert [s for s, _ in statuses(out)] == ["pending", "failed_to_resize", "pending"]
     assert out[schema.ERROR_KIND][1] == "decode_error"

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.loader.dataset import ShardDataset
+from pipeline.loader import ShardDataset
 from test_loader_tar import write_output
 
 SIZES = [5, 0, 4, 3]  # includes a shard whose rows all failed: an empty tar

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.loader.dataset import (Loader, ShardDataset, ShardError, SkippedDataWarning, epoch_draws, mix_order,
-                             mix_prefix, split_evenly, worker_ranges)
+from pipeline.loader import Loader, ShardDataset, ShardError, SkippedDataWarning
+from pipeline.loader.plan import epoch_draws, mix_order, mix_prefix, split_evenly, worker_ranges
 from test_loader_tar import jpeg_bytes, write_output
 
 SIZES = [6, 0, 9, 4, 5]  # an empty shard included, as jobs where every row failed produce
@@ -259,10 +259,10 @@ def test_raw_bytes_and_custom_decoders(out):
 
 
 def test_resize_modes_follow_the_job_semantics(tmp_path):
-    from pipeline.sinks import webdataset as writer
+    from pipeline.sinks.webdataset import tar_bytes
 
     img = jpeg_bytes(1, size=(80, 40))
-    (tmp_path / "00000.tar").write_bytes(writer.tar_bytes([("000000000.jpg", img)]))
+    (tmp_path / "00000.tar").write_bytes(tar_bytes([("000000000.jpg", img)]))
     for mode, shape in [("center_crop", (3, 16, 16)), ("keep_ratio", (3, 16, 32)), ("border", (3, 16, 16)),
                         ("keep_ratio_largest", (3, 8, 16)), ("no", (3, 40, 80))]:
         with pytest.warns(UserWarning, match="no index.json"):

@@ -11,8 +11,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.sinks import webdataset as writer
-from pipeline.loader.dataset import Shard, ShardDataset, Source, source_segments
+from pipeline.sinks.webdataset import tar_bytes
+from pipeline.loader import Shard, ShardDataset, Source
+from pipeline.loader.plan import source_segments
 
 FAST = settings(max_examples=150, deadline=None)
 IO = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -96,7 +97,7 @@ def write_tars(root: Path, sizes) -> set[str]:
     shardlist, keys = [], set()
     for shard, n in enumerate(sizes):
         members = [(f"{shard:05d}{i:04d}.txt", f"{shard}-{i}".encode()) for i in range(n)]
-        data = writer.tar_bytes(members)
+        data = tar_bytes(members)
         (root / f"{shard:05d}.tar").write_bytes(data)
         shardlist.append({"url": f"{shard:05d}.tar", "nsamples": n, "filesize": len(data)})  # small: numpy scan
         keys.update(name.split(".")[0] for name, _ in members)

@@ -15,20 +15,16 @@ import pytest
 from PIL import Image
 
 from pipeline.core import schema
-from pipeline.sinks import webdataset as writer
-from pipeline.loader.dataset import TarFormatError, _samples, _TarReader, split_name
+from pipeline.media.npy import npy_bytes
+from pipeline.sinks.webdataset import tar_bytes
+from pipeline.testing.output import write_shards
+from pipeline.loader.tar import TarFormatError, _samples, _TarReader, split_name
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (24, 16)) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr)
     return buf.getvalue()
 
 
@@ -46,8 +42,7 @@ def write_output(out_dir: Path, shard_sizes: Sequence[int], *, image: bool = Tru
                  failed_every: Optional[int] = 3, samples_per_shard: int = 1000) -> dict[str, dict[str, bytes]]:
     """Write shards of ``shard_sizes`` successful samples (plus failed rows, which only reach the
     parquet) and index.json; returns ``{key: {ext: bytes}}`` of every member that is in a tar."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    expected: dict[str, dict[str, bytes]] = {}
+    batches = []
     for shard, n in enumerate(shard_sizes):
         rows = []
         for i in range(n + (n // failed_every if failed_every else 0)):
@@ -66,12 +61,14 @@ def write_output(out_dir: Path, shard_sizes: Sequence[int], *, image: bool = Tru
             else:
                 batch[schema.ERROR_KIND][r] = "http_status"
                 batch[schema.ERROR_MESSAGE][r] = "404"
-        writer.write_shard(out_dir, shard, batch)
-        with tarfile.open(out_dir / f"{writer.shard_name(shard)}.tar") as tar:
+        batches.append(batch)
+    write_shards(out_dir, batches, "loader-test")
+    expected: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted(out_dir.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
             for member in tar.getmembers():
                 key, ext = split_name(member.name)
                 expected.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    writer.write_index(out_dir, "loader-test")
     return expected
 
 
@@ -129,7 +126,7 @@ class _CountingFile(io.FileIO):
 def test_large_unwanted_members_are_not_read(tmp_path):
     big = b"\x01" * 300_000
     path = tmp_path / "big.tar"
-    path.write_bytes(writer.tar_bytes([(f"{k:09d}.{ext}", data) for k in range(4)
+    path.write_bytes(tar_bytes([(f"{k:09d}.{ext}", data) for k in range(4)
                                       for ext, data in (("mp4", big), ("txt", b"hello"))]))
     _CountingFile.read_bytes = 0
     with _CountingFile(path, "rb") as f:
@@ -159,8 +156,8 @@ def test_pax_and_gnu_long_names(tmp_path, fast, block):
 @both
 def test_member_that_is_itself_a_tar(tmp_path, fast, block):
     """Header look-alikes inside member data (a tar in a tar) must not be taken for members."""
-    inner = writer.tar_bytes([(f"{i:09d}.txt", b"inner" * 50) for i in range(6)])
-    outer = writer.tar_bytes([(f"{k:09d}.{ext}", data) for k in range(5)
+    inner = tar_bytes([(f"{i:09d}.txt", b"inner" * 50) for i in range(6)])
+    outer = tar_bytes([(f"{k:09d}.{ext}", data) for k in range(5)
                               for ext, data in (("tar", inner), ("txt", str(k).encode()))])
     (tmp_path / "nested.tar").write_bytes(outer)
     got = read_all(tmp_path / "nested.tar", fast=fast, block=block)

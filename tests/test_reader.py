@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core import schema
-from pipeline.sources.reader import iter_records, plan_shards
+from pipeline.job.build import input_shards
+from pipeline.sources.formats import iter_records
 from pipeline.job.spec import load_job
 
 URLS = [f"http://example.test/{i}.jpg" for i in range(25)]
@@ -27,7 +28,7 @@ def test_formats_read_the_same_rows(tmp_path):
     with open(tmp_path / "a.jsonl", "w") as f:
         f.writelines(json.dumps({"url": u, "caption": c}) + "\n" for u, c in zip(URLS, captions))
     for name in ("a.parquet", "a.csv", "a.tsv.gz", "a.jsonl"):
-        shards = list(plan_shards(spec_for(tmp_path, [tmp_path / name])))
+        shards = list(input_shards(spec_for(tmp_path, [tmp_path / name])))
         assert [len(s.batch["key"]) for s in shards] == [10, 10, 5], name
         assert [u for s in shards for u in s.batch["url"]] == URLS, name
         assert [c for s in shards for c in s.batch["caption"]] == captions, name
@@ -38,7 +39,7 @@ def test_formats_read_the_same_rows(tmp_path):
 def test_txt_and_fsspec_url_and_limit(tmp_path):
     (tmp_path / "urls.txt").write_text("\n".join(URLS) + "\n")
     spec = spec_for(tmp_path, [f"file://{tmp_path}/urls.txt"], caption_col=None, limit=12)
-    shards = list(plan_shards(spec))
+    shards = list(input_shards(spec))
     assert [len(s.batch["url"]) for s in shards] == [10, 2]
     assert shards[1].batch["url"] == URLS[10:12]
 
@@ -47,10 +48,10 @@ def test_several_files_and_stable_shards(tmp_path):
     pq.write_table(pa.table({"url": URLS[:13]}), tmp_path / "p1.parquet")
     pq.write_table(pa.table({"url": URLS[13:]}), tmp_path / "p2.parquet")
     spec = spec_for(tmp_path, [tmp_path / "p*.parquet"], caption_col=None)
-    first = [s.batch["key"] for s in plan_shards(spec)]
-    again = [s.batch["key"] for s in plan_shards(spec)]
+    first = [s.batch["key"] for s in input_shards(spec)]
+    again = [s.batch["key"] for s in input_shards(spec)]
     assert first == again
-    assert [u for s in plan_shards(spec) for u in s.batch["url"]] == URLS
+    assert [u for s in input_shards(spec) for u in s.batch["url"]] == URLS
 
 
 def test_malformed_rows_become_per_row_failures(tmp_path):
@@ -62,7 +63,7 @@ def test_malformed_rows_become_per_row_failures(tmp_path):
            b"javascript:alert(1),script\n"
            b"https://ok.test/3.jpg,also fine\n")
     (tmp_path / "bad.csv").write_bytes(raw)
-    (shard,) = plan_shards(spec_for(tmp_path, [tmp_path / "bad.csv"]))
+    (shard,) = input_shards(spec_for(tmp_path, [tmp_path / "bad.csv"]))
     b = shard.batch
     assert b["status"] == ["pending", "invalid_input", "invalid_input", "invalid_input", "invalid_input", "pending"]
     assert b["error_kind"] == [None, "missing_url", "bad_scheme", "invalid_utf8", "bad_scheme", None]
@@ -75,7 +76,7 @@ def test_bad_json_lines_do_not_stop_the_shard(tmp_path):
                                        b'[1, 2]\n'
                                        b'{"url": "http://a.test/3.jpg", "caption": "th\xffree"}\n'
                                        b'{"url": "http://a.test/4.jpg"}\n')
-    (shard,) = plan_shards(spec_for(tmp_path, [tmp_path / "x.jsonl"]))
+    (shard,) = input_shards(spec_for(tmp_path, [tmp_path / "x.jsonl"]))
     assert shard.batch["error_kind"] == [None, "malformed_row", "malformed_row", "invalid_utf8", None]
     assert shard.batch["url"][4] == "http://a.test/4.jpg"
 
@@ -83,11 +84,11 @@ def test_bad_json_lines_do_not_stop_the_shard(tmp_path):
 def test_missing_columns_are_clear_errors(tmp_path):
     pq.write_table(pa.table({"URL": URLS}), tmp_path / "a.parquet")
     with pytest.raises(ValueError, match="input.url_col: column 'url' is not in"):
-        list(plan_shards(spec_for(tmp_path, [tmp_path / "a.parquet"])))
+        list(input_shards(spec_for(tmp_path, [tmp_path / "a.parquet"])))
     pq.write_table(pa.table({"url": URLS}), tmp_path / "b.parquet")
     with pytest.raises(ValueError, match="set input.caption_col: null"):
-        list(plan_shards(spec_for(tmp_path, [tmp_path / "b.parquet"])))
-    assert len(list(plan_shards(spec_for(tmp_path, [tmp_path / "b.parquet"], caption_col=None)))) == 3
+        list(input_shards(spec_for(tmp_path, [tmp_path / "b.parquet"])))
+    assert len(list(input_shards(spec_for(tmp_path, [tmp_path / "b.parquet"], caption_col=None)))) == 3
 
 
 def test_iter_records_streams_in_chunks(tmp_path):

@@ -18,7 +18,7 @@ from test_tokenize_fixtures import (TINY_VQ, encode_image, make_batch, random_im
 
 
 def image_stage(model, **options) -> VisualTokenizeStage:
-    (stage,) = build_tokenizers({"image": {"model": str(model), "device": "cpu", **options}})
+    (stage,) = build_tokenizers({"image": {"model": str(model), "device": "cpu", **options}}, check=True)
     return stage
 
 
@@ -40,21 +40,21 @@ def shapes_batch(n: int = 6, seed: int = 3, size: int = 64):
 ])
 def test_options_are_validated_without_loading(cfg, message):
     with pytest.raises(ConfigError) as e:
-        build_tokenizers(cfg, None, load=False)
+        build_tokenizers(cfg)
     assert str(e.value).startswith(message)
 
 
 def test_model_dependent_options_fail_at_build(tmp_path):
     with pytest.raises(ConfigError, match=r"^tokenize\.image\.model: .*neither a checkpoint directory nor a hub id"):
-        build_tokenizers({"image": {"model": str(tmp_path / "missing.bin")}})
+        build_tokenizers({"image": {"model": str(tmp_path / "missing.bin")}}, check=True)
     with pytest.raises(ConfigError, match=r"^tokenize\.image\.resolution: 60 is not a multiple of .* 8"):
         image_stage(TINY_VQ, resolution=60)
     with pytest.raises(ConfigError, match=r"^tokenize\.image\.model_class: AutoencoderKL given but the checkpoint holds a Emu3VQVAE"):
         image_stage(TINY_VQ, model_class="AutoencoderKL")
     with pytest.raises(ConfigError, match=r"^tokenize\.image\.frames: 3 is not a multiple of the model's temporal factor 2"):
         image_stage(save_tiny_emu3(tmp_path / "video-vq", temporal=2), frames=3)
-    # load=False never touches the model
-    assert [s.name for s in build_tokenizers({"image": {"model": "nowhere/none"}}, None, load=False)] == ["tokenize_image"]
+    # without check nothing touches the model
+    assert [s.name for s in build_tokenizers({"image": {"model": "nowhere/none"}})] == ["tokenize_image"]
 
 
 # -- text ----------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def test_open_clip_ids_equal_its_own_output():
     batch = make_batch([{} for _ in captions], captions)
     batch[schema.STATUS][1] = schema.FILTERED  # not alive: left alone
     (stage,) = build_tokenizers({"text": {"tokenizer": "open_clip", "max_length": 77}})
-    stage(batch)
+    stage.process(batch)
     reference = open_clip.get_tokenizer("ViT-B-32")(captions).numpy()
     for i in (0, 2, 3):
         ids = load_npy(batch["files"][i]["text_ids.npy"])
@@ -101,13 +101,13 @@ def test_hf_tokenizer_directory_and_file_ids_equal_the_library(tmp_path):
     captions = [c for _, c in make_pairs(8, seed=9)] + ["a zebra-coloured hexagon " * 20]
 
     batch = make_batch([{} for _ in captions], captions)
-    build_tokenizers({"text": {"tokenizer": str(tmp_path / "tok"), "max_length": 12}})[0](batch)
+    build_tokenizers({"text": {"tokenizer": str(tmp_path / "tok"), "max_length": 12}})[0].process(batch)
     expected = AutoTokenizer.from_pretrained(tmp_path / "tok")(captions, truncation=True, max_length=12)["input_ids"]
     got = [load_npy(f["text_ids.npy"]).tolist() for f in batch["files"]]
     assert got == expected and max(map(len, got)) == 12
 
     batch = make_batch([{} for _ in captions], captions)
-    build_tokenizers({"text": {"tokenizer": str(tmp_path / "tokenizer.json"), "truncation": False}})[0](batch)
+    build_tokenizers({"text": {"tokenizer": str(tmp_path / "tokenizer.json"), "truncation": False}})[0].process(batch)
     assert [load_npy(f["text_ids.npy"]).tolist() for f in batch["files"]] == \
         [e.ids for e in Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode_batch(captions)]
 
@@ -127,7 +127,7 @@ def test_vq_ids_equal_a_direct_call_of_the_model():
 
     stage = image_stage(TINY_VQ, resolution=64, batch_size=4)
     batch = shapes_batch(6)
-    stage(batch)
+    stage.process(batch)
     model = Emu3VQVAE.from_pretrained(TINY_VQ).eval()  # the user's route
     pixels = to_pixels([prepare(f, stage.policy, 8).pixels for f in make_batch_files(6)])
     with torch.inference_mode():
@@ -157,7 +157,7 @@ def test_tiny_vq_reconstructs_its_domain_better_than_trivial_baselines():
 
     pairs = make_pairs(64, seed=HELDOUT_SEED, size=64, start=1000)
     batch = make_batch([{"png": encode_image(im, "PNG")} for im, _ in pairs])
-    image_stage(TINY_VQ, resolution=64)(batch)
+    image_stage(TINY_VQ, resolution=64).process(batch)
     ids = torch.from_numpy(np.stack([load_npy(f["image_ids.npy"]) for f in batch["files"]]).astype(np.int64))
     model = Emu3VQVAE.from_pretrained(TINY_VQ).eval()
     with torch.inference_mode():
@@ -189,7 +189,7 @@ def test_aspect_buckets_pick_the_closest_ratio_and_batch_by_size():
     files = [{"jpg": encode_image(im)} for im in (wide, tall, square, wide, tall)]
     batch = make_batch(files)
     stage = image_stage(TINY_VQ, resolution=64, policy="buckets", batch_size=2)
-    stage(batch)
+    stage.process(batch)
     assert batch["image_policy"] == ["bucket:48x88", "bucket:88x48", "bucket:64x64", "bucket:48x88", "bucket:88x48"]
     assert [load_npy(f["image_ids.npy"]).shape for f in batch["files"]] == [(6, 11), (11, 6), (8, 8), (6, 11), (11, 6)]
     assert all(h % 8 == 0 and w % 8 == 0 for h, w in stage.policy.buckets)
@@ -202,7 +202,7 @@ def test_bad_samples_are_marked_and_the_rest_tokenized(monkeypatch):
     batch["files"][2] = {"txt": b"no media"}
     batch[schema.STATUS][3] = schema.FILTERED
     stage = image_stage(TINY_VQ, resolution=64)
-    stage(batch)
+    stage.process(batch)
     assert batch[schema.STATUS] == [schema.SUCCESS, schema.FAILED_TO_PROCESS, schema.FAILED_TO_PROCESS, schema.FILTERED]
     assert batch[schema.ERROR_KIND][1] == "stage_error" and "tokenize_image" in batch[schema.ERROR_MESSAGE][1]
     assert "no image or video" in batch[schema.ERROR_MESSAGE][2]
@@ -218,7 +218,7 @@ def test_bad_samples_are_marked_and_the_rest_tokenized(monkeypatch):
     good = shapes_batch(3)
     good["files"][1]["png"] = encode_image(random_image(64, 64, 0).point(lambda v: 255), "PNG")
     del good["files"][1]["jpg"]
-    stage(good)
+    stage.process(good)
     assert good[schema.STATUS] == [schema.SUCCESS, schema.FAILED_TO_PROCESS, schema.SUCCESS]
     assert "boom" in good[schema.ERROR_MESSAGE][1]
 
@@ -229,7 +229,7 @@ def test_stage_pickles_without_its_model():
     clone = pickle.loads(pickle.dumps(stage))
     assert clone._model is None and clone.fingerprint() == stage.fingerprint()
     a, b = shapes_batch(2), shapes_batch(2)
-    stage(a), clone(b)
+    stage.process(a), clone.process(b)
     assert [f["image_ids.npy"] for f in a["files"]] == [f["image_ids.npy"] for f in b["files"]]
     assert stage.resources.gpus == 0 and stage.stateful
 
@@ -237,7 +237,7 @@ def test_stage_pickles_without_its_model():
     text.fingerprint()
     clone = pickle.loads(pickle.dumps(text))
     assert clone._tokenizer is None and not clone.stateful
-    batch = clone(make_batch([{}], ["a red circle"]))
+    batch = clone.process(make_batch([{}], ["a red circle"]))
     assert load_npy(batch["files"][0]["text_ids.npy"]).tolist() == [49406, 320, 736, 7117, 49407]
 
 
@@ -248,7 +248,7 @@ def test_vae_latents_equal_a_direct_encoder_call(tmp_path):
     path = save_tiny_vae(tmp_path / "vae", scaling_factor=0.5)
     stage = image_stage(path, resolution=32)
     batch = shapes_batch(3, size=48)
-    stage(batch)
+    stage.process(batch)
     vae = AutoencoderKL.from_pretrained(path).eval()
     pixels = to_pixels([prepare(f, stage.policy, 8).pixels for f in shapes_batch(3, size=48)["files"]])
     with torch.inference_mode():
@@ -263,7 +263,7 @@ def test_vae_latents_equal_a_direct_encoder_call(tmp_path):
 
     moments = image_stage(path, resolution=32, latents="moments")
     batch = shapes_batch(1, size=48)
-    moments(batch)
+    moments.process(batch)
     assert load_npy(batch["files"][0]["latents.npy"]).shape == (8, 16, 16)
     assert moments.fingerprint()["id"] != fp["id"]
 
@@ -274,7 +274,7 @@ def test_chameleon_ids_equal_a_direct_call(tmp_path):
     path = save_tiny_chameleon(tmp_path / "chameleon")
     stage = image_stage(path, resolution=32)
     batch = shapes_batch(3)
-    stage(batch)
+    stage.process(batch)
     model = ChameleonVQVAE.from_pretrained(path).eval()
     pixels = to_pixels([prepare(f, stage.policy, 8).pixels for f in shapes_batch(3)["files"]])
     with torch.inference_mode():
@@ -289,7 +289,7 @@ def test_vq_inside_a_full_emu3_checkpoint_loads_alone(tmp_path):
     full = save_tiny_emu3_full(tmp_path / "emu3")
     stage = image_stage(tmp_path / "emu3", resolution=32)
     batch = shapes_batch(2)
-    stage(batch)
+    stage.process(batch)
     pixels = to_pixels([prepare(f, stage.policy, 8).pixels for f in shapes_batch(2)["files"]])
     with torch.inference_mode():
         direct = full.model.vqmodel.encode(pixels[:, 0], torch.tensor([[32, 32]] * 2)).image_tokens
@@ -315,7 +315,7 @@ def test_hub_id_resolves_through_the_hub_cache(tmp_path, monkeypatch):
     assert by_id.fingerprint()["revision"] == commit
     assert by_id.fingerprint()["id"] == by_path.fingerprint()["id"]
     a, b = shapes_batch(2), shapes_batch(2)
-    by_id(a), by_path(b)
+    by_id.process(a), by_path.process(b)
     assert [f["image_ids.npy"] for f in a["files"]] == [f["image_ids.npy"] for f in b["files"]]
 
 

@@ -57,7 +57,7 @@ def test_clip_ids_have_the_t_h_w_grid_and_equal_the_model(video_vq, clip, tmp_pa
     batch = make_batch([{"mp4": mp4, "frames.npy": npy_bytes(clip)}, {"mp4": mp4},
                         {"jpg": encode_image(random_image(40, 40, 0))}])
     stage = stage_for(video_vq)
-    stage(batch)
+    stage.process(batch)
     assert batch[schema.STATUS] == [schema.SUCCESS] * 3
     ids = [load_npy(f["image_ids.npy"]) for f in batch["files"]]
     assert [a.shape for a in ids] == [(2, 16, 16), (2, 16, 16), (16, 16)]
@@ -78,7 +78,7 @@ def test_non_square_clip_keeps_its_grid(video_vq, clip):
     """Emu3VQVAE.encode crops a clip's grid as if it were an image; the stage must not."""
     stage = stage_for(video_vq, policy="buckets")
     batch = make_batch([{"frames.npy": npy_bytes(clip)}])
-    stage(batch)
+    stage.process(batch)
     ids = load_npy(batch["files"][0]["image_ids.npy"])
     assert batch["image_policy"] == ["bucket:28x36,frames:4"] and ids.shape == (2, 14, 18)
     pixels = to_pixels([prepare({"frames.npy": npy_bytes(clip)}, stage.policy, FRAMES).pixels])
@@ -90,7 +90,7 @@ def test_undecodable_video_is_marked(video_vq, clip):
     np.save(bad_array, clip.astype(np.float32))
     batch = make_batch([{"mp4": b"\x00\x00\x00\x18ftypmp42 not really"}, {"frames.npy": bad_array.getvalue()},
                         {"frames.npy": npy_bytes(clip)}])
-    stage_for(video_vq)(batch)
+    stage_for(video_vq).process(batch)
     assert batch[schema.STATUS] == [schema.FAILED_TO_PROCESS, schema.FAILED_TO_PROCESS, schema.SUCCESS]
     assert "mp4" in batch[schema.ERROR_MESSAGE][0] and "uint8" in batch[schema.ERROR_MESSAGE][1]
 
@@ -100,5 +100,5 @@ def test_per_frame_models_code_each_frame(clip):
 
     stage = stage_for(TINY_VQ, resolution=64)
     batch = make_batch([{"frames.npy": npy_bytes(clip)}])
-    stage(batch)
+    stage.process(batch)
     assert load_npy(batch["files"][0]["image_ids.npy"]).shape == (4, 8, 8)

@@ -24,7 +24,7 @@ from pipeline.core import schema
 from pipeline.core.config import ConfigError
 from pipeline.testing.serve import LocalServer
 from pipeline.job.spec import load_job
-from pipeline.download.video import VideoDownloadStage
+from pipeline.job.build import download_stage
 from pipeline.media.video import CutConfig, MediaError, cut_clips, frame_indices
 from pipeline.testing.video_synth import read_counter, write_counter_video
 
@@ -274,10 +274,10 @@ def test_stage_downloads_each_video_once_and_fills_the_row(server, tmp_path):
     downloads.mkdir()
     stale = downloads / "mmcurate-video-999999999-abc"  # left by a killed process
     stale.mkdir()
-    stage = VideoDownloadStage(job_spec(tmp_path, {"resolution": 48, "store_frames": True, "num_frames": 4,
+    stage = download_stage(job_spec(tmp_path, {"resolution": 48, "store_frames": True, "num_frames": 4,
                                                    "tmp_dir": str(downloads)}))
     before = server.requests.copy()
-    batch = stage(batch)
+    batch = stage.process(batch)
     assert batch["status"] == [schema.SUCCESS] * 4, batch["error_message"]
     assert server.requests["bframes.mp4"] - before["bframes.mp4"] == 1  # three clips, one download
     # 2.5 s is the middle of frame 62 (2.48 s to 2.52 s): the clip starts with it
@@ -313,8 +313,8 @@ def test_hostile_downloads_end_in_their_documented_status(server, tmp_path):
         "after_end": (server.url("plain.mp4"), 7.0, 8.0, schema.INVALID_INPUT, "bad_span"),
     }
     batch = make_batch([c[:3] for c in cases.values()])
-    stage = VideoDownloadStage(job_spec(tmp_path, {"max_duration": 5.0}, max_bytes=2_000_000, timeout=1.5))
-    batch = stage(batch)
+    stage = download_stage(job_spec(tmp_path, {"max_duration": 5.0}, max_bytes=2_000_000, timeout=1.5))
+    batch = stage.process(batch)
     got = {name: (batch["status"][i], batch["error_kind"][i]) for i, name in enumerate(cases)}
     assert got == {name: c[3:] for name, c in cases.items()}
     for i, name in enumerate(cases):
@@ -323,8 +323,8 @@ def test_hostile_downloads_end_in_their_documented_status(server, tmp_path):
 
 
 def test_private_addresses_are_refused_by_default(server, tmp_path):
-    stage = VideoDownloadStage(job_spec(tmp_path, allow_private_addresses=False))
-    batch = stage(make_batch([(server.url("plain.mp4"), None, None)]))
+    stage = download_stage(job_spec(tmp_path, allow_private_addresses=False))
+    batch = stage.process(make_batch([(server.url("plain.mp4"), None, None)]))
     assert (batch["status"][0], batch["error_kind"][0]) == (schema.FAILED_TO_DOWNLOAD, "forbidden_address")
 
 
@@ -332,17 +332,17 @@ def test_same_input_gives_the_same_bytes(server, tmp_path):
     rows = [(server.url("bframes.mp4"), 0.3, 2.7), (server.url("mpeg4.avi"), None, None),
             (server.url("plain.mp4"), 1.0, 3.0)]
     spec = job_spec(tmp_path, {"resolution": 64, "store_frames": True})
-    runs = [VideoDownloadStage(spec)(make_batch(rows)) for _ in range(3)]
+    runs = [download_stage(spec).process(make_batch(rows)) for _ in range(3)]
     for run in runs[1:]:
         assert run["files"] == runs[0]["files"] and run["sha256"] == runs[0]["sha256"]
-    remuxed = [VideoDownloadStage(job_spec(tmp_path))(make_batch(rows[2:])) for _ in range(2)]
+    remuxed = [download_stage(job_spec(tmp_path)).process(make_batch(rows[2:])) for _ in range(2)]
     assert remuxed[0]["cut"] == ["remux"] and remuxed[0]["files"] == remuxed[1]["files"]
 
 
 def test_missing_span_values_mean_the_whole_video(server, tmp_path):
     url = server.url("plain.mp4")
     batch = make_batch([(url, float("nan"), float("nan")), (url, 3.0, None), (url, "soon", 2.0)])
-    batch = VideoDownloadStage(job_spec(tmp_path))(batch)
+    batch = download_stage(job_spec(tmp_path)).process(batch)
     assert batch["status"][:2] == [schema.SUCCESS, schema.SUCCESS]
     assert (batch["clip_start"][0], batch["clip_end"][0]) == (0.0, 4.0)
     assert (batch["clip_start"][1], batch["clip_end"][1]) == (3.0, 4.0)
@@ -352,7 +352,7 @@ def test_missing_span_values_mean_the_whole_video(server, tmp_path):
 def test_rows_already_failed_are_left_alone(server, tmp_path):
     batch = make_batch([(server.url("plain.mp4"), None, None), (server.url("plain.mp4"), 0.0, 1.0)])
     schema.mark(batch, 0, "bad_span", "set by the planner")
-    batch = VideoDownloadStage(job_spec(tmp_path))(batch)
+    batch = download_stage(job_spec(tmp_path)).process(batch)
     assert batch["error_message"][0] == "set by the planner" and batch["status"][1] == schema.SUCCESS
 
 
@@ -369,18 +369,18 @@ def test_video_spec_validation(tmp_path):
 def test_ytdlp_backend_without_ytdlp_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "yt_dlp", None)  # import yt_dlp now raises ImportError
     with pytest.raises(ConfigError, match=r"mmcurate\[ytdlp\]"):
-        VideoDownloadStage(job_spec(tmp_path, {"backend": "yt-dlp"}))
+        download_stage(job_spec(tmp_path, {"backend": "yt-dlp"})).check()
 
 
 def test_ytdlp_backend_fetches_and_fails_like_http(server, tmp_path):
     pytest.importorskip("yt_dlp")
     rows = [(server.url("plain.mp4"), 1.0, 2.0), (server.url("nothing-here.mp4"), None, None),
             (server.url("page.html"), None, None), (server.url("endless.mp4"), None, None)]
-    stage = VideoDownloadStage(job_spec(tmp_path, {"backend": "yt-dlp"}, max_bytes=2_000_000))
-    batch = stage(make_batch(rows))
+    stage = download_stage(job_spec(tmp_path, {"backend": "yt-dlp"}, max_bytes=2_000_000))
+    batch = stage.process(make_batch(rows))
     assert batch["status"][0] == schema.SUCCESS, batch["error_message"][0]
     assert [c for _, c in decoded(batch["files"][0]["mp4"])] == list(range(25, 50))
     assert batch["error_kind"][1:] == ["http_status", "not_media", "too_large"]
-    refused = VideoDownloadStage(job_spec(tmp_path, {"backend": "yt-dlp"}, allow_private_addresses=False))
-    batch = refused(make_batch(rows[:1]))
+    refused = download_stage(job_spec(tmp_path, {"backend": "yt-dlp"}, allow_private_addresses=False))
+    batch = refused.process(make_batch(rows[:1]))
     assert batch["error_kind"] == ["forbidden_address"]

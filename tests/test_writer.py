@@ -1,3 +1,5 @@
+"""The WebDataset sink: deterministic tars grouped by key, one column type across shards, stats
+written last as the commit marker, the index, and partial files of a killed run swept."""
 import io
 import json
 import tarfile
@@ -5,12 +7,15 @@ import tarfile
 import pyarrow.dataset as ds
 
 from pipeline.core import schema
-from pipeline.sinks.webdataset import remove_temporaries, write_index, write_shard
+from pipeline.executors.base import Payload, write_shard
+from pipeline.sinks import Directory, WebDatasetSink
+
+TYPES = {**schema.COLUMN_TYPES, "clip_score": "double"}
 
 
 def batch(n, scored=True):
     b = {schema.KEY: [f"00000{i:04d}" for i in range(n)], schema.URL: [f"http://x.test/{i}" for i in range(n)],
-         schema.CAPTION: [f"c{i}" for i in range(n)], schema.STATUS: [schema.SUCCESS] * n,
+         schema.CAPTION: [f"c{i}" for i in range(n)], schema.STATUS: [schema.PENDING] * n,
          schema.ERROR_KIND: [None] * n, schema.ERROR_MESSAGE: [None] * n, schema.WIDTH: [8] * n,
          schema.HEIGHT: [8] * n, schema.ORIGINAL_WIDTH: [9] * n, schema.ORIGINAL_HEIGHT: [9] * n,
          schema.SHA256: ["ab"] * n, schema.FILES: [{"jpg": b"J", "clip.npy": b"N"} for _ in range(n)],
@@ -19,9 +24,15 @@ def batch(n, scored=True):
     return b
 
 
+def sink(path, types=TYPES):
+    s = WebDatasetSink(Directory(path), types, "t")
+    s.open()
+    return s
+
+
 def test_tar_is_deterministic_and_grouped_by_key(tmp_path):
-    write_shard(tmp_path / "a", 0, batch(3))
-    write_shard(tmp_path / "b", 0, batch(3))
+    write_shard(sink(tmp_path / "a"), 0, Payload(batch(3)))
+    write_shard(sink(tmp_path / "b"), 0, Payload(batch(3)))
     data = (tmp_path / "a" / "00000.tar").read_bytes()
     assert data == (tmp_path / "b" / "00000.tar").read_bytes()
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
@@ -34,21 +45,35 @@ def test_tar_is_deterministic_and_grouped_by_key(tmp_path):
     assert meta["clip_score"] == 0.5 and meta["status"] == "success" and "files" not in meta
 
 
-def test_columns_keep_one_type_across_shards(tmp_path):
-    write_shard(tmp_path, 0, batch(3, scored=True))
-    write_shard(tmp_path, 1, batch(3, scored=False))  # no row reached the scoring filter
+def test_columns_keep_their_declared_type_across_shards(tmp_path):
+    out = sink(tmp_path)
+    write_shard(out, 0, Payload(batch(3, scored=True)))
+    write_shard(out, 1, Payload(batch(3, scored=False)))  # no row reached the scoring filter
     table = ds.dataset(sorted(str(p) for p in tmp_path.glob("*.parquet"))).to_table()
     assert table.schema.field("clip_score").type == "double"
     assert table.schema.field("width").type == "int32"
     assert table.column("status").to_pylist().count("success") == 4
 
 
-def test_stats_index_and_leftovers(tmp_path):
-    stats = write_shard(tmp_path, 3, batch(3))
+def test_stats_mark_the_shard_complete_and_the_index_lists_it(tmp_path):
+    out = sink(tmp_path)
+    assert not out.is_complete(3)
+    stats = write_shard(out, 3, Payload(batch(3)))
+    assert out.is_complete(3) and out.read_stats(3) == {k: v for k, v in stats.items() if k != "timings"} | {
+        "timings": {}}
     assert stats["status_counts"] == {"failed_to_download": 1, "success": 2}
-    assert stats["error_kinds"] == {"http_status": 1}
+    assert stats["error_kinds"] == {"http_status": 1} and stats["filtered"] == {}
+    assert out.read_status(3)["status"] == ["success", "failed_to_download", "success"]
+    (tmp_path / "00003_stats.json").unlink()  # the commit marker is what makes a shard complete
+    assert not out.is_complete(3)
+
+
+def test_finish_writes_the_index_of_complete_shards(tmp_path):
+    out = sink(tmp_path)
+    write_shard(out, 3, Payload(batch(3)))
     (tmp_path / ".00004.tar.tmp").write_bytes(b"partial")
-    assert remove_temporaries(tmp_path) == 1 and not list(tmp_path.glob(".*"))
-    index = write_index(tmp_path, "t")
+    assert out.open() == 1 and not list(tmp_path.glob(".*"))  # a rerun sweeps what a kill left
+    index = out.finish()
     assert index["shardlist"] == [{"url": "00003.tar", "nsamples": 2,
                                    "filesize": (tmp_path / "00003.tar").stat().st_size}]
+    assert json.loads((tmp_path / "index.json").read_text()) == index

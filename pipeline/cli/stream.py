@@ -74,7 +74,7 @@ def _epoch(loader: Any, max_batches: int | None, progress: bool) -> tuple[int, i
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.loader.dataset import Loader, ShardDataset, SkippedDataWarning
+    from pipeline.loader import Loader, ShardDataset, SkippedDataWarning
 
     sources = args.output_dir[0] if len(args.output_dir) == 1 else args.output_dir
     ds = ShardDataset(sources, fields=args.fields, batch_size=args.batch_size, shuffle=args.shuffle, seed=args.seed,

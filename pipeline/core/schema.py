@@ -10,6 +10,7 @@ the sink turns ``files`` into tar members and every other column into the status
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from typing import Any, Optional
 
 Batch = dict[str, list]
@@ -173,3 +174,25 @@ def make_key(shard_id: int, index: int, samples_per_shard: int) -> str:
     """``{shard:05d}{index:0Nd}``: digits only, sortable, N wide enough for samples_per_shard."""
     width = max(4, len(str(max(samples_per_shard - 1, 0))))
     return f"{shard_id:05d}{index:0{width}d}"
+
+
+# -- a finished shard ----------------------------------------------------------------------------
+def settle(batch: Batch) -> None:
+    """After the last stage: the rows still pending are the job's successes."""
+    batch[STATUS] = [SUCCESS if s == PENDING else s for s in batch[STATUS]]
+
+
+def shard_stats(batch: Batch, shard_id: int, timings: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """What NNNNN_stats.json records of a settled shard: counts per status, error kind and filter."""
+    statuses = Counter(batch[STATUS])
+    kinds = Counter(k for k in batch[ERROR_KIND] if k)
+    filtered = Counter(k for k, s in zip(batch[ERROR_KIND], batch[STATUS]) if s == FILTERED)
+    return {
+        "shard": f"{shard_id:05d}",
+        "count": batch_len(batch),
+        "successes": statuses.get(SUCCESS, 0),
+        "status_counts": dict(sorted(statuses.items())),
+        "error_kinds": dict(sorted(kinds.items())),
+        "filtered": dict(sorted(filtered.items())),
+        "timings": timings or {},
+    }

@@ -1,15 +1,36 @@
-"""The stage interface. Stages know nothing of Ray: executors (pipeline.executor) run them.
+"""The stage contract: one step between an input shard and the sink. Stages know nothing of Ray
+or of storage; executors (:mod:`pipeline.executors`) run them, sinks (:mod:`pipeline.sinks`) write
+what they produce.
 
-A stage is a small class with a config, ``setup()`` (load models once per worker) and a pure
-``__call__(batch) -> batch`` over a batch (see pipeline.schema). It declares its resources.
+A stage is built from its own config object (never the JobSpec: only the job builder reads that)
+and is run through these hooks, each in one place:
+
+    check()          in the driver, before any shard: fail fast on what is missing (model files)
+    prepare(context) in the driver, once per job, when the manifest holds no state for the stage:
+                     job-wide state (a percentile threshold), stored in manifest.json
+    restore(state)   in the driver, on every run (resumed ones too): take that state back
+    setup()          once per worker, before its first batch: load models, open pools
+    process(batch)   per shard: the stage owns the batch it is given, may change it in place
+                     (mark rows, add columns and files) and returns it
+    resume(written)  ordered stages only: the status table of a shard already complete, in shard
+                     order, so job-wide state (seen hashes) is rebuilt on resume
+    fingerprint()    what identifies its outputs (model, weights hash), for the manifest
+
+and declares:
+
+    resources        the CPUs and GPUs one worker needs (fractions allowed)
+    columns          the status-table columns it adds, with their Arrow types
+    ordered          True when it must see every shard once, in shard order (job-wide dedup)
+    stateful         True when setup() is heavy (a model): run in long-lived workers
+    worker_state     attributes that setup() makes in each worker; never pickled
 """
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
-Batch = dict[str, list]
+from pipeline.core.schema import Batch
 
 
 @dataclass(frozen=True)
@@ -18,56 +39,74 @@ class Resources:
     gpus: float = 0.0
 
 
+@dataclass(frozen=True)
+class JobContext:
+    """What ``Stage.prepare`` may use: ``sample_batches(n_rows)`` yields batches of the first
+    ``n_rows`` input rows run through the stages *before* this one, without writing anything."""
+
+    sample_batches: Callable[[int], Iterator[Batch]]
+
+
 class Stage:
-    """Base class of every pipeline stage.
+    """Base class of every stage; see the module docstring for the contract."""
 
-    * ``name``: how the stage is named in the job spec, stats and manifest.
-    * ``resources``: what one worker of the stage needs.
-    * ``stateful``: True when ``setup()`` loads something heavy (a model): on Ray the stage then
-      runs in a pool of long-lived actors, loaded once each, instead of in per-shard tasks.
-    * ``ordered``: True when the stage must see shards in shard-id order (e.g. exact dedup across
-      the job); executors then run it on one worker and feed it shards in order.
-    """
-
-    name: ClassVar[str] = "stage"
+    name: ClassVar[str] = "stage"       # how the stage is named in stats, timings and the manifest
     stateful: ClassVar[bool] = False
-    ordered: ClassVar[bool] = False
+    worker_state: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config
 
     @property
     def resources(self) -> Resources:
         return Resources()
 
+    @property
+    def columns(self) -> dict[str, str]:
+        """Status-table columns this stage adds: name -> Arrow type name ("double", "string", ...)."""
+        return {}
+
+    @property
+    def ordered(self) -> bool:
+        return False
+
+    def check(self) -> None:
+        """Fail early, in the driver, when something the stage needs is missing (raise ConfigError)."""
+
     def setup(self) -> None:
         """Load models and open pools; called once per worker before the first batch."""
 
-    def __call__(self, batch: Batch) -> Batch:
+    def process(self, batch: Batch) -> Batch:
         raise NotImplementedError
 
-    # -- job-level state -------------------------------------------------------------------------
-    def prepare(self, context: "JobContext") -> dict[str, Any] | None:
-        """Called once in the driver before any shard runs, when the manifest holds no state for
-        this stage. May return JSON-able state (e.g. a percentile threshold) that is stored in
-        manifest.json and handed to ``restore`` on this and every resumed run."""
+    def prepare(self, context: JobContext) -> Optional[dict[str, Any]]:
+        """JSON-able job-wide state, computed once; None when the stage has none."""
         return None
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Take back the state ``prepare`` returned (possibly from a previous, interrupted run)."""
+        """Take back the state ``prepare`` returned (possibly in an earlier, interrupted run)."""
 
-    def resume(self, written: "Batch") -> None:
-        """For ordered stages: see the status table of a shard already complete on disk (in shard
-        order), so that job-wide state (seen hashes) is rebuilt on resume."""
+    def resume(self, written: Batch) -> None:
+        """Ordered stages: see the status table of a shard already complete, in shard order."""
 
-    def fingerprint(self) -> dict[str, Any] | None:
-        """What identifies this stage's outputs (model class, weights hash, preprocessing); stored
-        in the manifest and in each sample's json so trainers can refuse mismatched shards."""
+    def fingerprint(self) -> Optional[dict[str, Any]]:
+        """What identifies this stage's outputs; stored in the manifest (and by tokenizers in
+        each sample's json) so that trainers can refuse mismatched shards."""
         return None
+
+    def __getstate__(self) -> dict:
+        # What setup() made (models, pools) stays in its worker: each worker makes its own.
+        return {**self.__dict__, **dict.fromkeys(self.worker_state)}
 
 
 class ThreadPoolStage(Stage):
     """A stage whose CPU work (decode, resize, cut: C code that releases the GIL) runs on one
-    thread per CPU it was given. The pool is made per worker and never pickled."""
+    thread per CPU it was given."""
 
-    def __init__(self, cpus: int) -> None:
+    worker_state = ("_pool",)
+
+    def __init__(self, config: Any, cpus: int) -> None:
+        super().__init__(config)
         self.cpus = cpus
         self._pool: Optional[ThreadPoolExecutor] = None
 
@@ -78,18 +117,3 @@ class ThreadPoolStage(Stage):
     def setup(self) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.cpus, thread_name_prefix=self.name)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pool": None}
-
-
-@dataclass
-class JobContext:
-    """What ``Stage.prepare`` may use: the job spec and a way to get processed sample batches.
-
-    ``sample_batches(n_rows)`` yields batches of the first ``n_rows`` input rows run through the
-    stages *before* this one (download, earlier filters), without writing anything.
-    """
-
-    spec: Any
-    sample_batches: Any  # Callable[[int], Iterator[Batch]]

@@ -5,22 +5,29 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
+from dataclasses import dataclass
+
 from pipeline.core import schema
-from pipeline.fetch.client import FetchConfig, Fetcher
-from pipeline.media.resize import ResizeConfig, encode_extension, resize_image
-from pipeline.core.stage import Batch, ThreadPoolStage
+from pipeline.core.schema import Batch
+from pipeline.core.stage import ThreadPoolStage
+from pipeline.fetch import FetchConfig, Fetcher
+from pipeline.media.resize import ResizeConfig, resize_image
+
+
+@dataclass(frozen=True)
+class ImageDownloadConfig:
+    fetch: FetchConfig
+    resize: ResizeConfig
+    cpus: int = 1  # threads decoding and resizing
 
 
 class ImageDownloadStage(ThreadPoolStage):
     name = "download"
 
-    def __init__(self, spec) -> None:
-        super().__init__(spec.execution.cpus_per_task)
-        self.fetch_config = FetchConfig.from_spec(spec.download)
-        self.resize_config = ResizeConfig.from_spec(spec.download)
-        self.extension = encode_extension(self.resize_config)
+    def __init__(self, config: ImageDownloadConfig) -> None:
+        super().__init__(config, config.cpus)
 
-    def __call__(self, batch: Batch) -> Batch:
+    def process(self, batch: Batch) -> Batch:
         self.setup()
         rows = schema.alive(batch)
         if rows:
@@ -29,9 +36,9 @@ class ImageDownloadStage(ThreadPoolStage):
 
     async def _download(self, batch: Batch, rows: list[int]) -> None:
         # One slot per sample from request to resized bytes: bounds the bodies held in memory.
-        slots = asyncio.Semaphore(self.fetch_config.concurrency)
+        slots = asyncio.Semaphore(self.config.fetch.concurrency)
         loop = asyncio.get_running_loop()
-        async with Fetcher(self.fetch_config) as fetcher:
+        async with Fetcher(self.config.fetch) as fetcher:
 
             async def one(i: int) -> None:
                 async with slots:
@@ -40,7 +47,7 @@ class ImageDownloadStage(ThreadPoolStage):
                         schema.mark(batch, i, got.error_kind, got.error_message or "")
                         return
                     digest, out = await loop.run_in_executor(self._pool, _hash_and_resize, got.body,
-                                                             self.resize_config)
+                                                             self.config.resize)
                     self._record(batch, i, digest, out)
 
             await asyncio.gather(*(one(i) for i in rows))
@@ -55,7 +62,7 @@ class ImageDownloadStage(ThreadPoolStage):
         batch[schema.WIDTH][i] = out.width
         batch[schema.HEIGHT][i] = out.height
         batch[schema.STATUS][i] = schema.SUCCESS
-        batch[schema.FILES][i][self.extension] = out.data
+        batch[schema.FILES][i][self.config.resize.encode_format] = out.data
 
 
 def _hash_and_resize(body: bytes, config: ResizeConfig):

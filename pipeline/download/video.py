@@ -18,61 +18,76 @@ redirects), ``source_duration``/``source_fps``/``source_codec`` and ``original_w
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from yarl import URL
 
 from pipeline.core import schema
-from pipeline.fetch.client import FetchConfig, Fetcher, FetchResult, ForbiddenAddress
-from pipeline.core.stage import Batch, ThreadPoolStage
+from pipeline.core.schema import Batch
+from pipeline.core.stage import ThreadPoolStage
+from pipeline.download.ytdlp import YtdlpOptions
+from pipeline.fetch import FetchConfig, Fetcher, FetchResult, ForbiddenAddress
 from pipeline.media.npy import npy_bytes
 from pipeline.media.video import Clip, CutConfig, MediaError, SourceInfo, Span, probe_file, try_cut_clip
 
 TMP_PREFIX = "mmcurate-video-"  # + pid: lets a later run delete what a killed one left
-# Columns this stage fills (None where a row failed); created up front so every shard has them.
-VIDEO_COLUMNS = ("clip_start", "clip_end", "duration", "fps", "frame_count", "codec", "cut", "source_url",
-                 "source_duration", "source_fps", "source_codec")
+# Columns this stage fills (None where a row failed), with their Arrow types; created up front so
+# every shard has them.
+VIDEO_COLUMNS = {schema.CLIP_START: "double", schema.CLIP_END: "double", "duration": "double", "fps": "double",
+                 "frame_count": "int32", "codec": "string", "cut": "string", "source_url": "string",
+                 "source_duration": "double", "source_fps": "double", "source_codec": "string"}
+
+
+@dataclass(frozen=True)
+class VideoDownloadConfig:
+    fetch: FetchConfig                     # media "video"; its concurrency is the videos in flight
+    cut: CutConfig
+    concurrency: int = 8                   # videos downloading or being cut at once, per task
+    tmp_dir: Optional[str] = None          # where sources are downloaded; None: the system temp dir
+    ytdlp: Optional[YtdlpOptions] = None   # the yt-dlp backend's options; None: plain HTTP
+    cpus: int = 1                          # threads cutting clips
 
 
 class VideoDownloadStage(ThreadPoolStage):
     name = "download"
 
-    def __init__(self, spec) -> None:
-        super().__init__(spec.execution.cpus_per_task)
-        self.video = spec.video
-        self.fetch_config = dataclasses.replace(FetchConfig.from_spec(spec.download), media="video",
-                                                concurrency=spec.video.concurrency)
-        self.cut_config = CutConfig.from_spec(spec)
-        self.ytdlp = None
-        if spec.video.backend == "yt-dlp":
-            from pipeline.download.ytdlp import YtdlpOptions, require_ytdlp
+    def __init__(self, config: VideoDownloadConfig) -> None:
+        super().__init__(config, config.cpus)
+
+    @property
+    def columns(self) -> dict[str, str]:
+        return VIDEO_COLUMNS
+
+    def check(self) -> None:
+        if self.config.ytdlp is not None:
+            from pipeline.download.ytdlp import require_ytdlp
 
             require_ytdlp()  # fail at job start, not in every sample
-            self.ytdlp = YtdlpOptions.from_spec(spec)
 
-    def __call__(self, batch: Batch) -> Batch:
+    def process(self, batch: Batch) -> Batch:
         self.setup()
         for column in VIDEO_COLUMNS:
             batch.setdefault(column, [None] * schema.batch_len(batch))
         groups = group_by_url(batch)
         if groups:
-            sweep_stale_dirs(self.video.tmp_dir)
-            with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=self.video.tmp_dir) as tmp:
+            tmp_dir = self.config.tmp_dir
+            sweep_stale_dirs(tmp_dir)
+            with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=tmp_dir) as tmp:
                 asyncio.run(self._run(batch, groups, Path(tmp)))
         return batch
 
     # -- per video -------------------------------------------------------------------------------
     async def _run(self, batch: Batch, groups: dict[str, list[int]], tmp: Path) -> None:
         # One slot per video from its download to its last clip: bounds videos on disk.
-        slots = asyncio.Semaphore(self.video.concurrency)
-        async with Fetcher(self.fetch_config) as fetcher:
+        slots = asyncio.Semaphore(self.config.concurrency)
+        async with Fetcher(self.config.fetch) as fetcher:
 
             async def one(n: int, url: str, rows: list[int]) -> None:
                 async with slots:
@@ -93,20 +108,20 @@ class VideoDownloadStage(ThreadPoolStage):
             return
         loop = asyncio.get_running_loop()
         try:
-            info = await loop.run_in_executor(self._pool, probe_file, got.path, self.cut_config.max_pixels)
+            info = await loop.run_in_executor(self._pool, probe_file, got.path, self.config.cut.max_pixels)
         except MediaError as e:
             for i in rows:
                 record(batch, i, got, None, e)
             return
         # Clips are cut in parallel: one video may hold most of a shard's clips (Panda-70M).
         results = await asyncio.gather(*(
-            loop.run_in_executor(self._pool, try_cut_clip, got.path, info, span_of(batch, i), self.cut_config,
+            loop.run_in_executor(self._pool, try_cut_clip, got.path, info, span_of(batch, i), self.config.cut,
                                  workdir / f"clip{i}.mp4") for i in rows))
         for i, result in zip(rows, results):
             record(batch, i, got, info, result)
 
     async def _download(self, fetcher: Fetcher, url: str, workdir: Path) -> FetchResult:
-        if self.ytdlp is None:
+        if self.config.ytdlp is None:
             return await fetcher.get_to_file(url, str(workdir / "source"))
         refused = await _vet_host(fetcher, url)
         if refused is not None:
@@ -114,7 +129,7 @@ class VideoDownloadStage(ThreadPoolStage):
         from pipeline.download.ytdlp import download
 
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, download, url, workdir, self.ytdlp)
+        return await loop.run_in_executor(None, download, url, workdir, self.config.ytdlp)
 
 
 # -- batch helpers -------------------------------------------------------------------------------

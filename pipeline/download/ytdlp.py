@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.core.config import ConfigError
-from pipeline.fetch.client import FetchResult, sniff
+from pipeline.fetch import FetchResult, sniff
 
 INSTALL_HINT = "pip install 'mmcurate[ytdlp]'"
 
@@ -39,12 +39,6 @@ class YtdlpOptions:
     max_bytes: int
     retries: int
     user_agent: str
-
-    @classmethod
-    def from_spec(cls, spec) -> "YtdlpOptions":
-        d = spec.download
-        return cls(format=spec.video.ytdlp_format, timeout=d.timeout, max_bytes=d.max_bytes,
-                   retries=d.retries, user_agent=d.user_agent)
 
 
 class _Quiet:

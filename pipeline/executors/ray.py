@@ -1,101 +1,49 @@
-"""Executors run the same stages over input shards: ``local`` (in-process) and ``ray``.
+"""The Ray executor: shards stream through a chain of steps on a Ray cluster.
 
-Both hand each finished shard to ``on_done(shard_id, stats, error)``. Stages are grouped into
-steps: consecutive light stages run together in one task; a ``stateful`` stage (a model) runs in
-a pool of long-lived actors; an ``ordered`` stage runs on one actor fed in shard order; the
-write is the last step. A window of shards in flight gives backpressure and bounds memory.
+Stages are grouped into steps: consecutive light stages run together in one CPU task (the
+download and the cheap filters, so a shard's media never leave the worker between them); a
+``stateful`` stage (a model) runs in a pool of long-lived actors, each loading the model once; an
+``ordered`` stage runs on one actor fed in shard order; the write through the sink is the last
+step, a task of its own. A step is submitted as soon as the step before it is, with that step's
+result reference as its input, so Ray moves the data and starts each step when its input is
+ready; the driver only waits for the last step of each shard. A window of shards in flight gives
+backpressure and bounds memory.
+
+Why Ray core tasks and actors rather than Ray Data: a shard is the unit of atomic writes,
+resume and retry, and its rows must stay together and in order (byte-identical output, ordered
+dedup); Ray Data repartitions rows into blocks of its choosing, so shards would have to be
+re-assembled after it. Tasks and actors keep a shard one object from reading to writing, and
+Ray still does the placement, the data movement, the actor pools' GPUs and task retries on
+worker failure.
 """
 from __future__ import annotations
 
 import collections
 import logging
-import time
-import traceback
-import urllib.parse
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Union
 
-from pipeline.sources.reader import InputShard
-from pipeline.core.stage import Batch, Stage
-from pipeline.sinks.webdataset import write_shard
+from pipeline.core.schema import Batch
+from pipeline.core.stage import Resources, Stage
+from pipeline.executors.base import (Executor, Failure, OnDone, OrderGate, Payload, Replay, ShardOutcome, Step, Work,
+                                     run_stages, write_shard)
+from pipeline.executors.ray_connect import connect_ray
+from pipeline.sinks.base import Sink
+from pipeline.sources.shards import InputShard
 
 log = logging.getLogger("mmcurate")
-OnDone = Callable[[int, Optional[dict], Optional[str]], None]
-Payload = tuple  # (batch, timings)
-
-
-@dataclass
-class CompletedShard:
-    """A shard already complete on disk, passed in shard order so that ordered stages (exact
-    dedup across the job) rebuild their state exactly where an uninterrupted run had it."""
-
-    shard_id: int
-    load: Callable[[], Batch]  # its status table, read from disk
-
-
-def run_stages(stages: list[Stage], payload: Payload) -> Payload:
-    """Apply stages in order, adding each stage's wall time to the timings."""
-    batch, timings = payload
-    for stage in stages:
-        start = time.perf_counter()
-        batch = stage(batch)
-        timings = {**timings, stage.name: timings.get(stage.name, 0.0) + time.perf_counter() - start}
-    return batch, timings
-
-
-def write_payload(out_dir: str, shard_id: int, payload: Payload) -> dict:
-    batch, timings = payload
-    start = time.perf_counter()
-    stats = write_shard(out_dir, shard_id, batch, {k: round(v, 3) for k, v in timings.items()})
-    stats["timings"]["write"] = round(time.perf_counter() - start, 3)
-    return stats
-
-
-class LocalExecutor:
-    """Everything in this process, shard after shard (for tests, debugging and small jobs)."""
-
-    def __init__(self, spec) -> None:
-        self.retries = spec.execution.shard_retries
-
-    def run(self, shards: Iterator[InputShard], stages: list[Stage], out_dir: Path, on_done: OnDone) -> None:
-        for stage in stages:
-            stage.setup()
-        has_ordered = any(s.ordered for s in stages)
-        for shard in shards:
-            if isinstance(shard, CompletedShard):
-                written = shard.load()
-                for stage in stages:
-                    if stage.ordered:
-                        stage.resume(written)
-                continue
-            attempts = 1 if has_ordered else 1 + self.retries  # ordered state must see a shard once
-            for attempt in range(attempts):
-                try:
-                    batch = {k: list(v) if k != "files" else [dict(f) for f in v] for k, v in shard.batch.items()}
-                    stats = write_payload(str(out_dir), shard.shard_id, run_stages(stages, (batch, {})))
-                except Exception:  # a shard failure must not stop the job; the rerun retries it
-                    error = traceback.format_exc()
-                    if attempt + 1 == attempts:
-                        on_done(shard.shard_id, None, error)
-                else:
-                    on_done(shard.shard_id, stats, None)
-                    break
-
-
-# -- Ray --------------------------------------------------------------------------------------------
 
 _WORKER_STAGES: dict[str, list[Stage]] = {}
 
 
-def _task_step(token: str, stages: list[Stage], payload: Payload) -> Payload:
+def _task_step(token: str, stages: list[Stage], step: Step) -> Step:
     # Set the stages up once per worker process, not once per shard.
     if token not in _WORKER_STAGES:
         for stage in stages:
             stage.setup()
         _WORKER_STAGES[token] = stages
-    return run_stages(_WORKER_STAGES[token], payload)
+    return run_stages(_WORKER_STAGES[token], step)
 
 
 class _StageActor:
@@ -103,197 +51,182 @@ class _StageActor:
         self.stage = stage
         stage.setup()
 
-    def run(self, payload: Payload) -> Payload:
-        return run_stages([self.stage], payload)
+    def run(self, step: Step) -> Step:
+        return run_stages([self.stage], step)
 
     def resume(self, written: Batch) -> None:
         self.stage.resume(written)
 
 
-def is_loopback(address: Optional[str]) -> bool:
-    if address in (None, "local", "auto"):
-        return True
-    host = urllib.parse.urlsplit(address if "://" in address else f"//{address}").hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
+@dataclass
+class StepPlan:
+    kind: str                    # "task" (light stages), "actor" (a model) or "ordered"
+    stages: list[Stage]
+    actors: list = field(default_factory=list)
 
 
-def pin_ray_to_loopback() -> None:
-    """Keep Ray on 127.0.0.1. Ray rewrites 127.0.0.1 (even an explicit node IP) to the host's
-    network address unless it believes multi-host clusters are off; say so, here and in the
-    environment that Ray's worker processes inherit."""
-    import os
+def plan_steps(stages: list[Stage]) -> list[StepPlan]:
+    steps: list[StepPlan] = []
+    for stage in stages:
+        kind = "ordered" if stage.ordered else "actor" if stage.stateful else "task"
+        if kind == "task" and steps and steps[-1].kind == "task":
+            steps[-1].stages.append(stage)
+        else:
+            steps.append(StepPlan(kind, [stage]))
+    return steps
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from ray._private import ray_constants
 
-    ray_constants.ENABLE_RAY_CLUSTER = False
+class RayExecutor(Executor):
+    name = "ray"
+
+    def schedule(self, work: Iterator[Work], stages: list[Stage], sink: Sink, on_done: OnDone) -> None:
+        connect_ray(self.options.address)
+        flight = _Flight(plan_steps(stages), sink, on_done, self.attempts(stages),
+                         self.options.max_shards_in_flight)
+        try:
+            flight.run(work)
+        finally:
+            flight.close()
 
 
-def connect_ray(address: Optional[str]) -> None:
-    """Start a local Ray on 127.0.0.1 (no dashboard), or join ``address`` ("auto", ray://...)."""
+class _Flight:
+    """One run's shards on Ray: which step of which shard is where, and the actors doing them."""
+
+    def __init__(self, steps: list[StepPlan], sink: Sink, on_done: OnDone, attempts: int,
+                 window: Union[int, None]) -> None:
+        import ray
+
+        self.steps, self.sink, self.on_done, self.attempts = steps, sink, on_done, attempts
+        cpus = ray.cluster_resources().get("CPU", 2)
+        task_cpus = max(max((s.resources.cpus for p in steps if p.kind == "task" for s in p.stages), default=1), 0.5)
+        self._start_actors(task_cpus, cpus)
+        self.task = ray.remote(_task_step).options(num_cpus=task_cpus, max_retries=1)
+        self.writer = ray.remote(write_shard).options(num_cpus=0, max_retries=3)
+        self.token = uuid.uuid4().hex  # tells one run's task stages from another's in a reused worker
+        self.window = window or max(2, int(2 * cpus // task_cpus))
+        self.gates = {n: OrderGate() for n, p in enumerate(steps) if p.kind == "ordered"}
+        self.pending: dict[Any, tuple[InputShard, int, int]] = {}  # ref -> (shard, step index, attempt)
+        self.busy: collections.Counter = collections.Counter()     # actor -> calls in flight
+        self.owner: dict[Any, Any] = {}                             # ref -> the actor computing it
+        self.in_flight = 0
+
+    # -- actors ----------------------------------------------------------------------------------
+    def _start_actors(self, task_cpus: float, cpus: float) -> None:
+        import ray
+
+        pools = [(p, 1 if p.kind == "ordered" else _pool_size(p.stages[0].resources))
+                 for p in self.steps if p.kind != "task"]
+        scale = _actor_cpu_scale([(p.stages[0].resources, count) for p, count in pools], task_cpus, cpus)
+        for plan, count in pools:
+            res = plan.stages[0].resources
+            cls = ray.remote(num_cpus=res.cpus * scale, num_gpus=res.gpus)(_StageActor)
+            plan.actors = [cls.remote(plan.stages[0]) for _ in range(count)]
+
+    def close(self) -> None:
+        import ray
+
+        for plan in self.steps:
+            for actor in plan.actors:
+                ray.kill(actor)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self, work: Iterator[Work]) -> None:
+        import ray
+
+        exhausted = False
+        while True:
+            while not exhausted and self.in_flight < self.window:
+                item = next(work, None)
+                if item is None:
+                    exhausted = True
+                else:
+                    self._admit(item)
+            if not self.pending:
+                if exhausted:
+                    return
+                continue
+            [ref], _ = ray.wait(list(self.pending), num_returns=1)
+            shard, n, attempt = self.pending.pop(ref)
+            actor = self.owner.pop(ref, None)
+            if actor is not None:
+                self.busy[actor] -= 1
+            if n < len(self.steps):
+                self._enter(shard, n + 1, attempt, ref)
+            else:
+                self._finish(shard, attempt, ref)
+
+    def _admit(self, item: Work) -> None:
+        """A shard read from the input (or replayed from the sink) takes its place in every gate."""
+        for gate in self.gates.values():
+            gate.expect(item.shard_id)
+        if isinstance(item, Replay):
+            for n in self.gates:
+                self._release(n, self.gates[n].arrive(item.shard_id, (item, 0, None)))
+            return
+        self.in_flight += 1
+        self._enter(item, 0, 0, Payload(item.batch))
+
+    def _enter(self, shard: InputShard, n: int, attempt: int, step: Any) -> None:
+        """Step ``n`` of ``shard`` gets its input (a Payload, or the previous step's reference)."""
+        if n in self.gates:
+            self._release(n, self.gates[n].arrive(shard.shard_id, (shard, attempt, step)))
+        else:
+            self._submit(shard, n, attempt, step)
+
+    def _release(self, n: int, ready: list) -> None:
+        for shard, attempt, step in ready:
+            if isinstance(shard, Replay):  # actor calls keep submission order
+                self.steps[n].actors[0].resume.remote(shard.load())
+            else:
+                self._submit(shard, n, attempt, step)
+
+    def _submit(self, shard: InputShard, n: int, attempt: int, step: Any) -> None:
+        if n == len(self.steps):
+            ref = self.writer.remote(self.sink, shard.shard_id, step)
+        else:
+            plan = self.steps[n]
+            if plan.kind == "task":
+                ref = self.task.remote(f"{self.token}:{n}", plan.stages, step)
+            else:
+                actor = min(plan.actors, key=lambda a: self.busy[a])
+                self.busy[actor] += 1
+                ref = actor.run.remote(step)
+                self.owner[ref] = actor
+        self.pending[ref] = (shard, n, attempt)
+
+    def _finish(self, shard: InputShard, attempt: int, ref: Any) -> None:
+        import ray
+
+        try:
+            result = ray.get(ref)
+        except Exception as e:  # a worker or actor died: Ray's own error, with the remote traceback
+            result = Failure(str(e))
+        if isinstance(result, Failure) and attempt + 1 < self.attempts:
+            self._enter(shard, 0, attempt + 1, Payload(shard.batch))
+            return
+        self.in_flight -= 1
+        if isinstance(result, Failure):
+            self.on_done(ShardOutcome(shard.shard_id, error=result.error))
+        else:
+            self.on_done(ShardOutcome(shard.shard_id, result))
+
+
+def _actor_cpu_scale(pools: list[tuple[Resources, int]], task_cpus: float, cpus: float) -> float:
+    """Long-lived actors must leave room for at least one download task, or nothing would run
+    (on a small machine, three model actors of 1 CPU each would hold every CPU forever). Their
+    CPU requests shrink to fit; Ray does not cap the CPU a process really uses."""
+    wanted = sum(res.cpus * count for res, count in pools)
+    room = max(cpus - task_cpus, 0.0)
+    if wanted <= room:
+        return 1.0
+    log.warning("model and ordered stages ask for %.1f CPUs; %.1f are left after one download task: "
+                "their CPU requests are scaled down to fit", wanted, room)
+    return room / wanted
+
+
+def _pool_size(res: Resources) -> int:
     import ray
 
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, logging_level="WARNING")
-    if is_loopback(address):
-        pin_ray_to_loopback()
-        kwargs["_node_ip_address"] = "127.0.0.1"
-    ray.init(address=address or "local", **kwargs)
-
-
-class RayExecutor:
-    """Streams shards through Ray: CPU tasks for light stages, actor pools for models."""
-
-    def __init__(self, spec) -> None:
-        self.spec = spec
-        self.retries = spec.execution.shard_retries
-
-    # -- building the chain ----------------------------------------------------------------------
-    def _steps(self, stages: list[Stage]) -> list[tuple[str, list[Stage]]]:
-        steps: list[tuple[str, list[Stage]]] = []
-        for stage in stages:
-            kind = "ordered" if stage.ordered else "actor" if stage.stateful else "task"
-            if kind == "task" and steps and steps[-1][0] == "task":
-                steps[-1][1].append(stage)
-            else:
-                steps.append((kind, [stage]))
-        return steps
-
-    def run(self, shards: Iterator[InputShard], stages: list[Stage], out_dir: Path, on_done: OnDone) -> None:
-        import ray
-
-        connect_ray(self.spec.execution.address)
-        steps = self._steps(stages)
-        token = uuid.uuid4().hex
-        actors: dict[int, list] = {}
-        busy: collections.Counter = collections.Counter()  # actor -> calls in flight
-        owner: dict[Any, Any] = {}  # ref -> the actor computing it
-        task_cpus = max(max((s.resources.cpus for _, g in steps for s in g if _ == "task"), default=1), 0.5)
-        pools = {n: (group[0], 1 if kind == "ordered" else self._pool_size(group[0].resources))
-                 for n, (kind, group) in enumerate(steps) if kind != "task"}
-        cpu_scale = self._actor_cpu_scale(pools.values(), task_cpus)
-        for n, (stage, count) in pools.items():
-            res = stage.resources
-            cls = ray.remote(num_cpus=res.cpus * cpu_scale, num_gpus=res.gpus)(_StageActor)
-            actors[n] = [cls.remote(stage) for _ in range(count)]
-        task = ray.remote(_task_step).options(num_cpus=task_cpus, max_retries=1)
-        writer = ray.remote(write_payload).options(num_cpus=0, max_retries=3)
-        window = self.spec.execution.max_shards_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 2) // task_cpus))
-        has_ordered = any(kind == "ordered" for kind, _ in steps)
-
-        pending: dict[Any, tuple[InputShard, int, int]] = {}  # ref -> (shard, step index, attempt)
-        order: dict[int, collections.deque] = {n: collections.deque() for n, (k, _) in enumerate(steps) if k == "ordered"}
-        parked: dict[int, dict[int, Any]] = {n: {} for n in order}  # shard id -> payload ref waiting its turn
-        in_flight = 0
-        source = iter(shards)
-        exhausted = False
-
-        def submit(shard: InputShard, n: int, attempt: int, payload: Any) -> None:
-            if n == len(steps):
-                ref = writer.remote(str(out_dir), shard.shard_id, payload)
-            else:
-                kind, group = steps[n]
-                if kind == "task":
-                    ref = task.remote(f"{token}:{n}", group, payload)
-                else:
-                    actor = min(actors[n], key=lambda a: busy[a])
-                    busy[actor] += 1
-                    ref = actor.run.remote(payload)
-                    owner[ref] = actor
-            pending[ref] = (shard, n, attempt)
-
-        def release_ordered(n: int) -> None:
-            queue, waiting = order[n], parked[n]
-            while queue and queue[0] in waiting:
-                shard_id = queue.popleft()
-                shard, attempt, ref = waiting.pop(shard_id)
-                if isinstance(shard, CompletedShard):  # actor calls keep submission order
-                    actors[n][0].resume.remote(shard.load())
-                else:
-                    submit(shard, n, attempt, ref)
-
-        def advance(shard: InputShard, n: int, attempt: int, ref: Any) -> None:
-            nxt = n + 1
-            if nxt in order:
-                parked[nxt][shard.shard_id] = (shard, attempt, ref)
-                release_ordered(nxt)
-            else:
-                submit(shard, nxt, attempt, ref)
-
-        def drop_from_order(shard_id: int) -> None:
-            for n, queue in order.items():
-                if shard_id in queue:
-                    queue.remove(shard_id)
-                    release_ordered(n)
-
-        while True:
-            while not exhausted and in_flight < window:
-                shard = next(source, None)
-                if shard is None:
-                    exhausted = True
-                    break
-                if isinstance(shard, CompletedShard):
-                    for n, queue in order.items():
-                        queue.append(shard.shard_id)
-                        parked[n][shard.shard_id] = (shard, 0, None)
-                        release_ordered(n)
-                    continue
-                in_flight += 1
-                for queue in order.values():
-                    queue.append(shard.shard_id)
-                payload = (shard.batch, {})
-                if 0 in order:
-                    parked[0][shard.shard_id] = (shard, 0, payload)
-                    release_ordered(0)
-                else:
-                    submit(shard, 0, 0, payload)
-            if not pending:
-                if exhausted:
-                    break
-                continue
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            shard, n, attempt = pending.pop(ref)
-            actor = owner.pop(ref, None)
-            if actor is not None:
-                busy[actor] -= 1
-            if n < len(steps):
-                advance(shard, n, attempt, ref)
-                continue
-            try:
-                stats = ray.get(ref)
-            except Exception as e:  # any step's error surfaces at the write
-                if attempt < self.retries and not has_ordered:
-                    submit(shard, 0, attempt + 1, (shard.batch, {}))
-                    continue
-                drop_from_order(shard.shard_id)
-                in_flight -= 1
-                on_done(shard.shard_id, None, str(e))
-                continue
-            in_flight -= 1
-            on_done(shard.shard_id, stats, None)
-        for pool in actors.values():
-            for a in pool:
-                ray.kill(a)
-
-    @staticmethod
-    def _actor_cpu_scale(pools, task_cpus: float) -> float:
-        """Long-lived actors must leave room for at least one download task, or nothing would run
-        (on a small machine, three model actors of 1 CPU each would hold every CPU forever). Their
-        CPU requests shrink to fit; Ray does not cap the CPU a process really uses."""
-        import ray
-
-        wanted = sum(stage.resources.cpus * count for stage, count in pools)
-        room = max(ray.cluster_resources().get("CPU", 1) - task_cpus, 0.0)
-        if wanted <= room:
-            return 1.0
-        log.warning("model and ordered stages ask for %.1f CPUs; %.1f are left after one download task: "
-                    "their CPU requests are scaled down to fit", wanted, room)
-        return room / wanted
-
-    def _pool_size(self, res) -> int:
-        import ray
-
-        if res.gpus > 0:
-            return max(1, int(ray.cluster_resources().get("GPU", 0) // res.gpus))
-        return 1  # a CPU model worker; the CPUs are better spent on download tasks
+    if res.gpus > 0:
+        return max(1, int(ray.cluster_resources().get("GPU", 0) // res.gpus))
+    return 1  # a CPU model worker; the CPUs are better spent on download tasks

@@ -1,7 +1,10 @@
-"""The job spec (YAML): one dataclass per section, validated by :mod:`pipeline.config`.
+"""The job spec (YAML): one dataclass per section, validated by :mod:`pipeline.core.config`.
 
 ``filters`` and ``tokenize`` hold per-stage option mappings; their own modules validate them
-(see ``filters.build_filters`` and ``pipeline.tokenize.build_tokenizers``).
+(``filters.build_filters``, ``pipeline.tokenize.build_tokenizers``). Defaults that are facts of a
+lower layer (the pixel cap, the User-Agent, resize modes, encoders, engines) are imported from
+the module that owns them. Only :mod:`pipeline.job.build` turns a spec into stages, a sink and
+an executor.
 """
 from __future__ import annotations
 
@@ -13,8 +16,14 @@ from typing import Any, Literal, Optional
 import yaml
 
 from pipeline.core.config import ConfigError, apply_override, from_dict, parse_override, to_dict
+from pipeline.executors import EXECUTORS
+from pipeline.fetch.headers import DEFAULT_USER_AGENT
+from pipeline.media.geometry import MAX_PIXELS, RESIZE_MODES
+from pipeline.media.resize import ENCODE_FORMATS
 
-ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]
+ResizeMode = Literal[RESIZE_MODES]
+EncodeFormat = Literal[tuple(ENCODE_FORMATS)]
+Engine = Literal[tuple(EXECUTORS)]
 
 
 @dataclass
@@ -40,18 +49,18 @@ class DownloadSpec:
     image_size: int = 256
     resize_mode: ResizeMode = "center_crop"
     resize_only_if_bigger: bool = False
-    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_format: EncodeFormat = "jpg"
     encode_quality: int = 95
     timeout: float = 10.0              # seconds per request (connect + headers + body)
     retries: int = 0
     min_image_size: int = 0
     max_image_area: Optional[float] = None
     max_aspect_ratio: Optional[float] = None
-    max_pixels: int = 89_478_485       # pixel cap read from the header (PIL's bomb limit)
+    max_pixels: int = MAX_PIXELS       # pixel cap read from the header (PIL's bomb limit)
     max_bytes: int = 50_000_000        # body cap, streamed
     concurrency: int = 256             # requests in flight per download task
     per_host_limit: int = 16           # concurrent requests to one host
-    user_agent: str = "mmcurate/0.1 (+https://github.com/mmcurate/mmcurate)"
+    user_agent: str = DEFAULT_USER_AGENT
     respect_optouts: bool = True       # X-Robots-Tag noai / noimageai / noindex / noimageindex
     allow_private_addresses: bool = False
     allowed_networks: list[str] = field(default_factory=list)  # CIDRs let through anyway (e.g. an internal mirror)
@@ -124,7 +133,7 @@ class OutputSpec:
 
 @dataclass
 class ExecutionSpec:
-    engine: Literal["ray", "local"] = "ray"
+    engine: Engine = "ray"
     address: Optional[str] = None      # null: start a local Ray on 127.0.0.1; "auto" or ray://... joins
     cpus_per_task: int = 1             # CPUs each download task uses for decode/resize
     max_shards_in_flight: Optional[int] = None  # backpressure window; default 2x the CPU task slots
@@ -146,11 +155,6 @@ class JobSpec:
     tokenize: dict[str, Any] = field(default_factory=dict)        # {text: {...}, image: {...}}
     output: OutputSpec = field(default_factory=OutputSpec)
     execution: ExecutionSpec = field(default_factory=ExecutionSpec)
-
-    def validate(self) -> None:
-        for i, entry in enumerate(self.filters):
-            if not isinstance(entry, dict) or len(entry) != 1:
-                raise ConfigError(f"filters[{i}]: expected a mapping with one filter name, got {entry!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -176,12 +180,9 @@ def load_job(path: str | Path | None = None, overrides: list[str] = (), data: di
 
 
 def _validate_stages(spec: JobSpec) -> None:
-    """Filters and tokenizers validate their own options; import lazily to keep the spec light."""
-    if spec.filters:
-        from filters import build_filters
+    """Filters and tokenizers validate their own options (no model or file is touched here)."""
+    from filters import build_filters
+    from pipeline.tokenize import build_tokenizers
 
-        build_filters(spec.filters, spec, load=False)
-    if spec.tokenize:
-        from pipeline.tokenize import build_tokenizers
-
-        build_tokenizers(spec.tokenize, spec, load=False)
+    build_filters(spec.filters)
+    build_tokenizers(spec.tokenize)

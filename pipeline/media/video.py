@@ -59,16 +59,6 @@ class CutConfig:
     frames_size: Optional[int] = None     # short side of sampled frames; None: the clip's size
     decode_threads: int = 1
 
-    @classmethod
-    def from_spec(cls, spec) -> "CutConfig":
-        """From a JobSpec: its ``video`` section plus the download section's pixel cap."""
-        v = spec.video
-        num_frames = v.num_frames if v.num_frames is not None or v.frames_fps is not None else 8
-        return cls(resolution=v.resolution, fps=v.fps, precision=v.clip_precision, crf=v.crf,
-                   preset=v.preset, max_duration=v.max_duration, max_pixels=spec.download.max_pixels,
-                   store_frames=v.store_frames, num_frames=num_frames, frames_fps=v.frames_fps,
-                   frames_size=v.frames_size, decode_threads=v.decode_threads)
-
     @property
     def transforms(self) -> bool:
         return self.resolution is not None or self.fps is not None

@@ -70,7 +70,7 @@ def _rooted(node: Any) -> Any:
 
 def stream_back(out_dir: Path, batches: int = 3) -> list[str]:
     """Read a few batches back through the trainer-facing loader."""
-    from pipeline.loader.dataset import Loader, ShardDataset
+    from pipeline.loader import Loader, ShardDataset
 
     dataset = ShardDataset(str(out_dir), fields={"image": "jpg", "text_ids": "text_ids.npy",
                                                  "image_ids": "image_ids.npy", "caption": "txt"},

@@ -25,28 +25,23 @@ __all__ = ["build_tokenizers", "TokenizeConfig", "TextTokenizeConfig", "ImageTok
            "TextTokenizeStage", "VisualTokenizeStage"]
 
 
-def build_tokenizers(cfg: dict[str, Any], spec: Any = None, load: bool = True) -> list[Stage]:
+def build_tokenizers(section: dict[str, Any], check: bool = False) -> list[Stage]:
     """The stages of a ``tokenize:`` section (text first, then image).
 
-    ``spec`` (the job) is accepted for symmetry with ``build_filters``; the stages read what they
-    need from each sample's files. Options are validated either way. ``load=False`` stops there (no file or hub access);
-    otherwise the visual checkpoint is resolved and the options that depend on it are checked,
-    so a bad resolution or a missing model fails the job before any shard runs.
+    Options are always validated, without file or hub access. With ``check`` each stage's
+    ``check()`` also runs (the driver does this before any shard): the text tokenizer loads and
+    the visual checkpoint is resolved, with the options that depend on it, so a bad resolution or
+    a missing model fails the job before any shard runs.
     """
-    text, image = parse(cfg)
-    stages: list[Stage] = []
+    text, image = parse(section)
+    stages: list[tuple[str, Stage]] = []
     if text is not None:
-        stages.append(TextTokenizeStage(text))
+        stages.append(("text", TextTokenizeStage(text)))
     if image is not None:
-        stages.append(VisualTokenizeStage(image))
-    if load:
-        for stage in stages:
-            try:
-                if isinstance(stage, VisualTokenizeStage):
-                    stage.check()
-                else:
-                    stage.setup()  # a tokenizer that does not load should fail here, not per shard
-            except ConfigError as e:
-                where = "image" if isinstance(stage, VisualTokenizeStage) else "text"
-                raise ConfigError(f"tokenize.{where}.{e}") from None
-    return stages
+        stages.append(("image", VisualTokenizeStage(image)))
+    for where, stage in stages if check else ():
+        try:
+            stage.check()
+        except ConfigError as e:
+            raise ConfigError(f"tokenize.{where}.{e}") from None
+    return [stage for _, stage in stages]

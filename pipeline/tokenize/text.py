@@ -21,7 +21,8 @@ import numpy as np
 from pipeline.core import schema
 from pipeline.media.npy import npy_bytes
 from pipeline.core.config import ConfigError
-from pipeline.core.stage import Batch, Stage
+from pipeline.core.schema import Batch
+from pipeline.core.stage import Stage
 from .checkpoint import HUB_ID
 from .common import FORMAT_VERSION, ids_dtype, with_id
 from .config import OPEN_CLIP, TextTokenizeConfig, is_open_clip
@@ -142,14 +143,19 @@ def load_text_tokenizer(config: TextTokenizeConfig) -> TextTokenizer:
 
 class TextTokenizeStage(Stage):
     name = "tokenize_text"
+    worker_state = ("_tokenizer",)
 
     def __init__(self, config: TextTokenizeConfig):
-        self.config = config
+        super().__init__(config)
         self._tokenizer: Optional[TextTokenizer] = None
         self._fingerprint: Optional[dict] = None
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tokenizer": None}
+    @property
+    def columns(self) -> dict[str, str]:
+        return {"text_tokenizer": "string", "text_length": "int32"}
+
+    def check(self) -> None:
+        self.setup()  # a tokenizer that does not load should fail here, not in every shard
 
     def setup(self) -> None:
         if self._tokenizer is None:
@@ -168,7 +174,7 @@ class TextTokenizeStage(Stage):
             })
         return self._fingerprint
 
-    def __call__(self, batch: Batch) -> Batch:
+    def process(self, batch: Batch) -> Batch:
         self.setup()  # no-op once loaded; a stage unpickled in a worker loads here
         fp_id = self.fingerprint()["id"]
         rows = schema.alive(batch)

@@ -1,6 +1,7 @@
 """The visual tokenizer stage: images and clips to discrete ids (VQ) or float16 latents (VAE).
 
-Runs as a pool of actors (``stateful``), one model per actor, on a GPU when there is one. While
+A :class:`~pipeline.core.model_stage.ModelStage`: on Ray a pool of actors, one model per actor, on a GPU
+when there is one. While
 the model codes one batch, worker threads decode and resize the next ones (PIL and PyAV release
 the GIL), so the accelerator does not wait on JPEG decoding. Samples are batched by pixel size
 (aspect buckets give several sizes per shard); a batch that raises is retried sample by sample so
@@ -19,7 +20,8 @@ import numpy as np
 from pipeline.core import schema
 from pipeline.media.npy import npy_bytes
 from pipeline.core.config import ConfigError
-from pipeline.core.stage import Batch, Resources, Stage
+from pipeline.core.model_stage import ModelStage
+from pipeline.core.schema import Batch
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .common import FORMAT_VERSION, with_id
 from .config import ImageTokenizeConfig
@@ -72,22 +74,22 @@ def prefetch(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: in
         yield pending.popleft()
 
 
-class VisualTokenizeStage(Stage):
+class VisualTokenizeStage(ModelStage):
     name = "tokenize_image"
-    stateful = True
+    worker_state = ("_model", "_pool")
 
     def __init__(self, config: ImageTokenizeConfig):
-        self.config = config
+        super().__init__(config)
         self.checkpoint: Optional[Checkpoint] = None
         self.info: Optional[ModelInfo] = None
         self.policy: Optional[ResolutionPolicy] = None
         self._fingerprint: Optional[dict] = None
-        self._on_cuda: Optional[bool] = None
-        self._model: Optional[VisualModel] = None
         self._pool: Optional[ThreadPoolExecutor] = None
 
-    def __getstate__(self) -> dict:  # actors get the config and fingerprint, never a loaded model
-        return {**self.__dict__, "_model": None, "_pool": None}
+    @property
+    def columns(self) -> dict[str, str]:
+        return {"image_tokenizer": "string", "image_policy": "string", "image_grid": "string",
+                "vae_scaling_factor": "double", "vae_shift_factor": "double"}
 
     # -- building ----------------------------------------------------------------------------------
     def check(self) -> None:
@@ -104,22 +106,8 @@ class VisualTokenizeStage(Stage):
         self.info = info
 
     @property
-    def on_cuda(self) -> bool:
-        """Decided once, where the stage is built (the driver), and pickled with it: resources,
-        the fingerprint's dtype and the actors' device then always agree."""
-        if self._on_cuda is None:
-            import torch
-
-            self._on_cuda = self.config.device == "cuda" or (self.config.device == "auto" and torch.cuda.is_available())
-        return self._on_cuda
-
-    @property
-    def resources(self) -> Resources:
-        return Resources(cpus=1, gpus=self.config.num_gpus if self.on_cuda else 0)
-
-    @property
     def compute_dtype(self) -> str:
-        return self.config.dtype if self.on_cuda else "float32"
+        return self.config.dtype if self.device == "cuda" else "float32"
 
     def fingerprint(self) -> dict:
         if self._fingerprint is None:
@@ -148,20 +136,22 @@ class VisualTokenizeStage(Stage):
         return self._fingerprint
 
     # -- running -----------------------------------------------------------------------------------
-    def setup(self) -> None:
+    def load_model(self) -> VisualModel:
         import torch
 
-        self.fingerprint()
-        device = torch.device("cuda" if self.on_cuda else "cpu")
-        self._model = MODELS[self.info.cls](self.info, self.checkpoint, device, self.config.latents)
-        # On CPU the model's own threads use the cores; several decode threads preempting them
-        # cost the model ~20% (benchmarks/tokenization.py), one keeps decoding off its path.
-        threads = self.config.decode_threads or (4 if self.on_cuda else 1)
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenize-decode")
+        self.fingerprint()  # resolves the checkpoint in a worker too
+        return MODELS[self.info.cls](self.info, self.checkpoint, torch.device(self.device), self.config.latents)
 
-    def __call__(self, batch: Batch) -> Batch:
-        if self._model is None:
-            self.setup()
+    def setup(self) -> None:
+        super().setup()
+        if self._pool is None:
+            # On CPU the model's own threads use the cores; several decode threads preempting them
+            # cost the model ~20% (benchmarks/tokenization.py), one keeps decoding off its path.
+            threads = self.config.decode_threads or (4 if self.device == "cuda" else 1)
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenize-decode")
+
+    def process(self, batch: Batch) -> Batch:
+        self.setup()
         c = self.config
         groups: dict[tuple, list[tuple[int, Prepared]]] = {}
         rows = schema.alive(batch)
@@ -185,7 +175,7 @@ class VisualTokenizeStage(Stage):
         """Code a batch of same-size uint8 (T, H, W, 3) arrays with the loaded model."""
         import torch
 
-        model = self._model
+        model = self.model
         pixels = to_pixels(arrays, model.device)
         autocast = model.device.type == "cuda" and self.compute_dtype != "float32"
         with torch.inference_mode(), torch.autocast(model.device.type, dtype=getattr(torch, self.compute_dtype),

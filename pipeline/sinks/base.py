@@ -1,0 +1,49 @@
+"""The sink contract: where finished shards go. One output format behind one interface, so
+executors write shards without knowing the format or the storage, and the job asks the sink
+which shards are already done.
+
+    open()                      before the first shard: prepare the destination, sweep what a
+                                killed run left half-written
+    is_complete(shard_id)       a shard whose record is committed is never redone
+    write(shard_id, batch, stats) -> stats
+                                commit one settled shard (see ``schema.settle``); its stats are
+                                written last and are the commit marker; returns them as written
+    read_stats(shard_id)        the stats of a complete shard
+    read_status(shard_id)       the status table of a complete shard (ordered stages replay it)
+    finish() -> index           after the last shard: whatever spans shards (the shard index)
+
+A sink is pickled to the workers that write (on Ray, write tasks), so it holds only its
+configuration, never open files.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from pipeline.core.schema import Batch
+from pipeline.sinks.storage import Directory
+
+
+class Sink(ABC):
+    def __init__(self, directory: Directory) -> None:
+        self.directory = directory
+
+    def open(self) -> int:
+        """Create the destination; returns how many partial files of a killed run were removed."""
+        self.directory.create()
+        return self.directory.remove_temporaries()
+
+    @abstractmethod
+    def is_complete(self, shard_id: int) -> bool: ...
+
+    @abstractmethod
+    def write(self, shard_id: int, batch: Batch, stats: dict[str, Any]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def read_stats(self, shard_id: int) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def read_status(self, shard_id: int) -> Batch: ...
+
+    @abstractmethod
+    def finish(self) -> dict[str, Any]: ...

@@ -1,0 +1,126 @@
+"""Cut a stream of input rows into input shards: fixed row slices with stable ids.
+
+Shard ``i`` always holds input rows ``[i*S, (i+1)*S)`` (S = ``samples_per_shard``), with keys
+``{shard:05d}{row:04d}``. Every row is validated here; a malformed row becomes a per-row failure
+(``invalid_input`` with its error kind), never an exception, so the shard still runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional
+
+from pipeline.core import schema
+from pipeline.core.config import ConfigError
+from pipeline.core.schema import Batch, ErrorKind
+from pipeline.sources.formats import INVALID, detect_format, expand_files, iter_records
+
+
+@dataclass
+class InputShard:
+    shard_id: int
+    batch: Batch  # status-table columns, files={}, status pending or invalid_input
+
+    def fresh_batch(self) -> Batch:
+        """A copy to run the stages on: stages own the batch they get and change it in place, and
+        a retried shard must start again from the rows as read."""
+        return {k: [dict(f) for f in v] if k == schema.FILES else list(v) for k, v in self.batch.items()}
+
+
+def table_chunks(files: list[str], input_spec: Any) -> Iterator[dict[str, list]]:
+    """Column chunks of plain URL files with normalised names (url, caption, extra columns), before
+    validation; ``input_spec`` (the job's input section) names the columns and the format."""
+    inp = input_spec
+    wanted = [inp.url_col] + ([inp.caption_col] if inp.caption_col else []) + list(inp.save_additional_columns)
+    for path in expand_files(files):
+        fmt = inp.format or detect_format(path)
+        for chunk in iter_records(path, fmt, columns=wanted):
+            for key, col in (("url_col", inp.url_col), ("caption_col", inp.caption_col)):
+                if col and col not in chunk and INVALID not in chunk and (key == "url_col" or fmt != "txt"):
+                    hint = "; set input.caption_col: null for files without captions" if key == "caption_col" else ""
+                    raise ConfigError(f"input.{key}: column {col!r} is not in {path} "
+                                      f"(columns: {', '.join(chunk)}){hint}")
+            n = len(next(iter(chunk.values())))
+            out = {schema.URL: chunk.get(inp.url_col, [None] * n),
+                   schema.CAPTION: chunk.get(inp.caption_col, [None] * n) if inp.caption_col else [None] * n}
+            for col in inp.save_additional_columns:
+                out[col] = chunk.get(col, [None] * n)
+            if INVALID in chunk:
+                out[INVALID] = chunk[INVALID]
+            yield out
+
+
+def _row_problem(url: Any, caption: Any, start: Any, end: Any, invalid: Any) -> Optional[tuple[str, str]]:
+    if invalid:
+        return ErrorKind.MALFORMED_ROW, str(invalid)
+    if url is None or (isinstance(url, str) and not url.strip()):
+        return ErrorKind.MISSING_URL, "the row has no URL"
+    if isinstance(url, bytes) or isinstance(caption, bytes):
+        return ErrorKind.INVALID_UTF8, "the URL or caption is not valid UTF-8"
+    if not isinstance(url, str):
+        return ErrorKind.MISSING_URL, f"the URL is not a string: {url!r}"[:200]
+    if not url.strip().lower().startswith(("http://", "https://")):
+        return ErrorKind.BAD_SCHEME, f"only http(s) URLs are fetched: {url[:100]!r}"
+    if start is not None or end is not None:
+        try:
+            s = 0.0 if start is None else float(start)
+            e = None if end is None else float(end)
+        except (TypeError, ValueError):
+            return ErrorKind.BAD_SPAN, f"clip span is not numeric: {start!r}..{end!r}"
+        if s < 0 or (e is not None and e <= s):
+            return ErrorKind.BAD_SPAN, f"clip span {start!r}..{end!r} is empty or negative"
+    return None
+
+
+def plan_shards(chunks: Iterable[dict[str, list]], samples_per_shard: int,
+                limit: Optional[int] = None) -> Iterator[InputShard]:
+    """Validate the rows of ``chunks`` and cut them into input shards of ``samples_per_shard`` rows
+    (the first ``limit`` rows only, when set)."""
+    size = samples_per_shard
+    rows: list[dict] = []
+    shard_id = 0
+    seen = 0
+    for chunk in chunks:
+        n = len(next(iter(chunk.values())))
+        if limit is not None:
+            n = min(n, limit - seen)
+        for j in range(n):
+            rows.append({k: v[j] for k, v in chunk.items()})
+            if len(rows) == size:
+                yield _shard(shard_id, rows, size)
+                shard_id += 1
+                rows = []
+        seen += n
+        if limit is not None and seen >= limit:
+            break
+    if rows:
+        yield _shard(shard_id, rows, size)
+
+
+def _shard(shard_id: int, rows: list[dict], size: int) -> InputShard:
+    n = len(rows)
+    batch = {
+        schema.KEY: [schema.make_key(shard_id, i, size) for i in range(n)],
+        schema.STATUS: [schema.PENDING] * n,
+        schema.ERROR_KIND: [None] * n,
+        schema.ERROR_MESSAGE: [None] * n,
+        schema.WIDTH: [None] * n,
+        schema.HEIGHT: [None] * n,
+        schema.ORIGINAL_WIDTH: [None] * n,
+        schema.ORIGINAL_HEIGHT: [None] * n,
+        schema.SHA256: [None] * n,
+        schema.FILES: [{} for _ in range(n)],
+    }
+    names = [k for k in dict.fromkeys(k for r in rows for k in r) if k != INVALID]
+    for name in names:
+        batch[name] = [r.get(name) for r in rows]
+    batch.setdefault(schema.CAPTION, [None] * n)
+    for i, r in enumerate(rows):
+        problem = _row_problem(r.get(schema.URL), r.get(schema.CAPTION), r.get(schema.CLIP_START),
+                               r.get(schema.CLIP_END), r.get(INVALID))
+        if problem:
+            schema.mark(batch, i, *problem)
+            # keep what can be shown: undecodable values are stored with replacement characters
+            for col in (schema.URL, schema.CAPTION):
+                if isinstance(batch[col][i], bytes):
+                    batch[col][i] = batch[col][i].decode("utf-8", "replace")
+    return InputShard(shard_id, batch)
