@@ -5,7 +5,7 @@
 
 Two shard sets, written once (kept between runs):
 
-* images: 256x256 JPEGs (q95, photo-like content) + caption + json, written by pipeline.writer,
+* images: 256x256 JPEGs (q95, photo-like content) + caption + json, written by the WebDataset sink,
   read as fields ``jpg`` (decoded to uint8 CHW tensors) and ``txt``;
 * tokens: ``text_ids.npy`` (77 x int32) + ``image_ids.npy`` (32x32 uint16 codebook ids) per sample,
   read as both arrays.

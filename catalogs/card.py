@@ -1,4 +1,4 @@
-"""The card schema: one dataclass tree, read from YAML through :func:`pipeline.config.from_dict`.
+"""The card schema: one dataclass tree, read from YAML through :func:`pipeline.core.config.from_dict`.
 
 A card records what a dataset *is* (size, licence, status, papers) and how to *read* its published
 metadata (where it lives, file layout, which source column means what). Every fact names the

@@ -3,7 +3,7 @@
 ``model`` is an open_clip architecture name (``ViT-B-32``), a ``hf-hub:``/``local-dir:`` identifier,
 or the path of a model config JSON (registered with ``open_clip.add_model_config``; a relative
 ``tokenizer_kwargs.bpe_path`` in it is read relative to the JSON, so a config and its vocabulary can
-live together, as in ``models/tiny-clip``). ``pretrained`` is an open_clip tag (fetched from the hub),
+live together, as in ``pipeline/testing/models/tiny-clip``). ``pretrained`` is an open_clip tag (fetched from the hub),
 a checkpoint path, or ``random`` for random weights (benchmarks only).
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pipeline.core import schema
 from pipeline.media.npy import npy_bytes
 from pipeline.core.config import ConfigError, from_dict
 from pipeline.core.model_stage import ModelStage
-from pipeline.core.schema import Batch
+from pipeline.core.schema import Batch, ErrorKind
 from pipeline.core.stage import JobContext
 
 from .base import Filter, alive_with_image
@@ -124,7 +124,7 @@ class ClipScoreFilter(ModelStage, Filter):
         captions = [batch[schema.CAPTION][i] or "" for i in idx]
         result = self.model.score(images, captions, embeddings=embeddings)
         for pos, message in result.errors.items():
-            schema.mark(batch, idx[pos], "decode_error", f"{self.name}: {message}")
+            schema.mark(batch, idx[pos], ErrorKind.DECODE_ERROR, f"{self.name}: {message}")
         ok = [p for p in range(len(idx)) if p not in result.errors]
         return idx, ok, result
 

@@ -5,6 +5,9 @@ import os
 
 import pytest
 
+# helpers/ asserts too (the SIGKILL check in helpers.jobs): rewrite them like a test module's.
+pytest.register_assert_rewrite("helpers")
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -49,7 +49,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pipeline.testing.demo import run_demo
+    from pipeline.cli.demo import run_demo
 
     return run_demo(args.out, keep=args.keep)
 

@@ -13,7 +13,7 @@ covers (``clip_start``/``clip_end``; failed rows keep the requested span), ``dur
 ``width``/``height``, ``codec``, ``frame_count``, ``cut`` (remux or reencode), ``source_url`` (after
 redirects), ``source_duration``/``source_fps``/``source_codec`` and ``original_width``/``original_height``.
 ``sha256`` is the hash of the clip's MP4 bytes. Failures end as per-row statuses (see
-:mod:`pipeline.schema`); the output bytes depend only on the input, so resumed shards are identical.
+:mod:`pipeline.core.schema`); the output bytes depend only on the input, so resumed shards are identical.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Any, Optional, Union
 from yarl import URL
 
 from pipeline.core import schema
-from pipeline.core.schema import Batch
+from pipeline.core.schema import Batch, ErrorKind
 from pipeline.core.stage import ThreadPoolStage
 from pipeline.download.ytdlp import YtdlpOptions
 from pipeline.fetch import FetchConfig, Fetcher, FetchResult, ForbiddenAddress
@@ -104,7 +104,7 @@ class VideoDownloadStage(ThreadPoolStage):
         got = await self._download(fetcher, url, workdir)
         if not got.ok:
             for i in rows:
-                schema.mark(batch, i, got.error_kind or "connection", got.error_message or "")
+                schema.mark(batch, i, got.error_kind or ErrorKind.CONNECTION, got.error_message or "")
             return
         loop = asyncio.get_running_loop()
         try:
@@ -191,15 +191,15 @@ async def _vet_host(fetcher: Fetcher, url: str) -> Optional[FetchResult]:
     try:
         host = URL(url).raw_host
     except (ValueError, UnicodeError) as e:
-        return FetchResult(url=url, error_kind="bad_url", error_message=str(e))
+        return FetchResult(url=url, error_kind=ErrorKind.BAD_URL, error_message=str(e))
     if not host:
-        return FetchResult(url=url, error_kind="bad_url", error_message=f"no host in {url[:200]!r}")
+        return FetchResult(url=url, error_kind=ErrorKind.BAD_URL, error_message=f"no host in {url[:200]!r}")
     try:
         await fetcher.resolver.addresses(host)
     except ForbiddenAddress as e:
-        return FetchResult(url=url, error_kind="forbidden_address", error_message=str(e))
+        return FetchResult(url=url, error_kind=ErrorKind.FORBIDDEN_ADDRESS, error_message=str(e))
     except OSError as e:
-        return FetchResult(url=url, error_kind="dns", error_message=f"cannot resolve {host}: {e}")
+        return FetchResult(url=url, error_kind=ErrorKind.DNS, error_message=f"cannot resolve {host}: {e}")
     return None
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.core.config import ConfigError
+from pipeline.core.schema import ErrorKind
 from pipeline.fetch import FetchResult, sniff
 
 INSTALL_HINT = "pip install 'mmcurate[ytdlp]'"
@@ -92,20 +93,20 @@ def download(url: str, dest_dir: Path, options: YtdlpOptions) -> FetchResult:
             info = ydl.extract_info(url, download=True)
     except DownloadCancelled as e:  # our cap hook: "kind: message"
         kind, _, message = str(e).partition(": ")
-        if kind not in ("too_large", "timeout"):
-            kind, message = "ytdlp_error", str(e)
+        if kind not in (ErrorKind.TOO_LARGE, ErrorKind.TIMEOUT):
+            kind, message = ErrorKind.YTDLP_ERROR, str(e)
         return FetchResult(url=url, error_kind=kind, error_message=message)
     except DownloadError as e:
         return _failure(url, e)
     path = _downloaded_path(info, dest_dir)
     if path is None:  # yt-dlp skips, without raising, a format whose declared size is over the cap
-        kind = "too_large" if "max-filesize" in logger.last_error or _declared_too_large(info, options) \
-            else "ytdlp_error"
+        kind = ErrorKind.TOO_LARGE if "max-filesize" in logger.last_error or _declared_too_large(info, options) \
+            else ErrorKind.YTDLP_ERROR
         return FetchResult(url=url, error_kind=kind, error_message=logger.last_error or "nothing was downloaded")
     with open(path, "rb") as f:
         media_type = sniff(f.read(512))
     if media_type is None or not media_type.startswith("video/"):
-        return FetchResult(url=url, error_kind="not_media", error_message=f"yt-dlp fetched {media_type or 'non-video bytes'}")
+        return FetchResult(url=url, error_kind=ErrorKind.NOT_MEDIA, error_message=f"yt-dlp fetched {media_type or 'non-video bytes'}")
     return FetchResult(url=url, ok=True, path=str(path), media_type=media_type,
                        final_url=(info or {}).get("webpage_url") or url, attempts=1)
 
@@ -132,10 +133,10 @@ def _failure(url: str, error) -> FetchResult:
     cause = error.exc_info[1] if getattr(error, "exc_info", None) else None
     message = str(error).removeprefix("ERROR: ")[:500]
     if isinstance(cause, HTTPError):
-        return FetchResult(url=url, error_kind="http_status", error_message=message, http_status=cause.status)
+        return FetchResult(url=url, error_kind=ErrorKind.HTTP_STATUS, error_message=message, http_status=cause.status)
     if isinstance(cause, UnsupportedError):
-        return FetchResult(url=url, error_kind="not_media", error_message=message)
+        return FetchResult(url=url, error_kind=ErrorKind.NOT_MEDIA, error_message=message)
     if isinstance(cause, TransportError) or "timed out" in message:
-        kind = "timeout" if "timed out" in message.lower() else "connection"
+        kind = ErrorKind.TIMEOUT if "timed out" in message.lower() else ErrorKind.CONNECTION
         return FetchResult(url=url, error_kind=kind, error_message=message)
-    return FetchResult(url=url, error_kind="ytdlp_error", error_message=message)
+    return FetchResult(url=url, error_kind=ErrorKind.YTDLP_ERROR, error_message=message)

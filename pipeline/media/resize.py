@@ -48,7 +48,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from pipeline.core.schema import error_kind
+from pipeline.core.schema import ErrorKind, error_kind
 from pipeline.media.geometry import MAX_PIXELS, RESIZE_MODES, Geometry, plan_geometry
 
 ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}  # member extension -> PIL encoder
@@ -123,11 +123,11 @@ class ResizeResult:
 def check_size_rules(width: int, height: int, config: ResizeConfig) -> Optional[tuple[str, str]]:
     """img2dataset's filters on the original size: ``(error_kind, message)`` or None if it passes."""
     if min(width, height) < config.min_image_size:
-        return "too_small", f"image too small: {width}x{height}, min_image_size {config.min_image_size}"
+        return ErrorKind.TOO_SMALL, f"image too small: {width}x{height}, min_image_size {config.min_image_size}"
     if config.max_image_area is not None and width * height > config.max_image_area:
-        return "too_large_area", f"image area too large: {width}x{height}, max_image_area {config.max_image_area}"
+        return ErrorKind.TOO_LARGE_AREA, f"image area too large: {width}x{height}, max_image_area {config.max_image_area}"
     if config.max_aspect_ratio is not None and max(width, height) / min(width, height) > config.max_aspect_ratio:
-        return ("bad_aspect_ratio",
+        return (ErrorKind.BAD_ASPECT_RATIO,
                 f"aspect ratio too large: {width}x{height}, max_aspect_ratio {config.max_aspect_ratio}")
     return None
 
@@ -263,10 +263,10 @@ def _check_encodable(size: tuple[int, int], config: ResizeConfig) -> None:
     (keep_ratio on a 3000x1 strip asks for 768000x256): img2dataset fails these in cv2.imencode."""
     w, h = size
     if max(w, h) > _MAX_SIDE[config.encode_format]:
-        raise _Reject("encode_error", f"output {w}x{h} exceeds the {config.encode_format} limit of "
+        raise _Reject(ErrorKind.ENCODE_ERROR, f"output {w}x{h} exceeds the {config.encode_format} limit of "
                                       f"{_MAX_SIDE[config.encode_format]} pixels per side")
     if w * h > config.max_pixels:
-        raise _Reject("encode_error", f"output {w}x{h} exceeds max_pixels {config.max_pixels}")
+        raise _Reject(ErrorKind.ENCODE_ERROR, f"output {w}x{h} exceeds max_pixels {config.max_pixels}")
 
 
 def _encode(img: Image.Image, config: ResizeConfig) -> bytes:
@@ -279,7 +279,7 @@ def _encode(img: Image.Image, config: ResizeConfig) -> bytes:
         else:  # JPEG (4:2:0, as OpenCV) and lossy WebP take a 0..100 quality
             img.save(buf, fmt, quality=config.encode_quality)
     except Exception as e:  # noqa: BLE001 - the pixels decoded fine: not a decode_error
-        raise _Reject("encode_error", f"{type(e).__name__}: {e}") from None
+        raise _Reject(ErrorKind.ENCODE_ERROR, f"{type(e).__name__}: {e}") from None
     return buf.getvalue()
 
 
@@ -287,7 +287,7 @@ def _process(data: bytes, config: ResizeConfig, result: ResizeResult) -> None:
     with Image.open(io.BytesIO(data), formats=INPUT_FORMATS) as img:
         stored_w, stored_h = img.size
         if stored_w * stored_h > config.max_pixels:
-            raise _Reject("decompression_bomb",
+            raise _Reject(ErrorKind.DECOMPRESSION_BOMB,
                           f"{stored_w}x{stored_h} = {stored_w * stored_h} pixels > max_pixels {config.max_pixels}")
         orientation = _orientation(img)
         w, h = (stored_h, stored_w) if orientation in _SWAPS_AXES else (stored_w, stored_h)
@@ -318,11 +318,11 @@ def resize_image(data: bytes, config: ResizeConfig) -> ResizeResult:
     except _Reject as e:
         _fail(result, e.kind, str(e))
     except Image.DecompressionBombError as e:  # PIL's own backstop (2x MAX_IMAGE_PIXELS)
-        _fail(result, "decompression_bomb", str(e))
+        _fail(result, ErrorKind.DECOMPRESSION_BOMB, str(e))
     except Image.UnidentifiedImageError:
-        _fail(result, "decode_error", f"not an image in a supported format ({', '.join(INPUT_FORMATS)})")
+        _fail(result, ErrorKind.DECODE_ERROR, f"not an image in a supported format ({', '.join(INPUT_FORMATS)})")
     except Exception as e:  # noqa: BLE001 - any decoder failure is a per-sample status
-        _fail(result, "decode_error", f"{type(e).__name__}: {e}")
+        _fail(result, ErrorKind.DECODE_ERROR, f"{type(e).__name__}: {e}")
     return result
 
 

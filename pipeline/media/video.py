@@ -24,6 +24,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from pipeline.core.schema import ErrorKind
 from pipeline.media.geometry import MAX_PIXELS, even_short_side
 
 Span = Optional[tuple[Optional[float], Optional[float]]]
@@ -104,12 +105,12 @@ def _open(path: Union[str, Path]):
     try:
         return av.open(str(path), metadata_errors="ignore")
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
-        raise MediaError("decode_error", f"cannot open the video: {e}") from None
+        raise MediaError(ErrorKind.DECODE_ERROR, f"cannot open the video: {e}") from None
 
 
 def _video_stream(container):
     if not container.streams.video:
-        raise MediaError("decode_error", "the file has no video stream")
+        raise MediaError(ErrorKind.DECODE_ERROR, "the file has no video stream")
     return container.streams.video[0]
 
 
@@ -119,9 +120,9 @@ def probe(container, max_pixels: int) -> SourceInfo:
     ctx = vs.codec_context
     width, height = ctx.width or 0, ctx.height or 0
     if width <= 0 or height <= 0:
-        raise MediaError("decode_error", "the video stream has no frame size")
+        raise MediaError(ErrorKind.DECODE_ERROR, "the video stream has no frame size")
     if width * height > max_pixels:
-        raise MediaError("decompression_bomb", f"{width}x{height} is more than {max_pixels} pixels")
+        raise MediaError(ErrorKind.DECOMPRESSION_BOMB, f"{width}x{height} is more than {max_pixels} pixels")
     rate = vs.average_rate or vs.guessed_rate or vs.base_rate
     if not rate or rate <= 0 or rate > 1000:
         rate = Fraction(25)
@@ -140,14 +141,14 @@ def resolve_span(span: Span, info: SourceInfo, max_duration: Optional[float]) ->
     start = 0.0 if start is None else float(start)
     end = math.inf if end is None else float(end)
     if not (start >= 0 and end > start) or math.isnan(start) or math.isnan(end):
-        raise MediaError("bad_span", f"invalid span [{start}, {end})")
+        raise MediaError(ErrorKind.BAD_SPAN, f"invalid span [{start}, {end})")
     if info.duration is not None:
         if start >= info.duration:
-            raise MediaError("bad_span", f"the span starts at {start:.3f}s, after the video's end "
+            raise MediaError(ErrorKind.BAD_SPAN, f"the span starts at {start:.3f}s, after the video's end "
                                          f"({info.duration:.3f}s)")
         end = min(end, info.duration)
     if max_duration is not None and math.isfinite(end) and end - start > max_duration + 1e-6:
-        raise MediaError("too_long", f"the clip lasts {end - start:.3f}s, more than max_duration "
+        raise MediaError(ErrorKind.TOO_LONG, f"the clip lasts {end - start:.3f}s, more than max_duration "
                                      f"{max_duration}s")
     return start, end
 
@@ -161,7 +162,7 @@ def probe_file(path: Union[str, Path], max_pixels: int) -> SourceInfo:
     except MediaError:
         raise
     except Exception as e:  # noqa: BLE001 - odd containers must fail their rows, not the shard
-        raise MediaError("decode_error", f"{type(e).__name__}: {e}") from None
+        raise MediaError(ErrorKind.DECODE_ERROR, f"{type(e).__name__}: {e}") from None
 
 
 def cut_clips(path: Union[str, Path], spans: list[Span], config: CutConfig, workdir: Union[str, Path]
@@ -207,9 +208,9 @@ def cut_clip(path: Union[str, Path], info: SourceInfo, span: Span, config: CutCo
     except MediaError:
         raise
     except av.FFmpegError as e:
-        raise MediaError("decode_error", f"{type(e).__name__}: {e}") from None
+        raise MediaError(ErrorKind.DECODE_ERROR, f"{type(e).__name__}: {e}") from None
     except Exception as e:  # noqa: BLE001 - a sample must fail alone, never the shard
-        raise MediaError("cut_error", f"{type(e).__name__}: {e}") from None
+        raise MediaError(ErrorKind.CUT_ERROR, f"{type(e).__name__}: {e}") from None
     finally:
         out_path.unlink(missing_ok=True)
 
@@ -258,7 +259,7 @@ def _remux(path, info: SourceInfo, start: float, end: float, config: CutConfig, 
                         if exact:
                             return None
                 if limit is not None and pkt.pts >= limit:
-                    raise MediaError("too_long", f"the video runs past max_duration {config.max_duration}s")
+                    raise MediaError(ErrorKind.TOO_LONG, f"the video runs past max_duration {config.max_duration}s")
                 last_end = max(last_end, pkt.pts + (pkt.duration or 0))
                 pkt.pts, pkt.dts, pkt.stream = pkt.pts - first, pkt.dts - first, ostream
                 out.mux(pkt)
@@ -352,11 +353,11 @@ def _reencode(path, info: SourceInfo, start: float, end: float, config: CutConfi
                 if encoder.done:
                     break
             if encoder.done and hard_end < end:  # frames past the cap: the unknown end is too far
-                raise MediaError("too_long", f"the video runs past max_duration {config.max_duration}s")
+                raise MediaError(ErrorKind.TOO_LONG, f"the video runs past max_duration {config.max_duration}s")
             encoder.finish()
             out.mux(ostream.encode(None))
     if encoder.count == 0:
-        raise MediaError("decode_error", f"no frame could be decoded in [{start:.3f}, {end:.3f})")
+        raise MediaError(ErrorKind.DECODE_ERROR, f"no frame could be decoded in [{start:.3f}, {end:.3f})")
     return Clip(data=b"", start=encoder.first_time, end=encoder.first_time + encoder.count * step,
                 frame_count=encoder.count, fps=float(rate), width=width, height=height, method="reencode")
 
@@ -460,7 +461,7 @@ def sample_frames(path: Union[str, Path], config: CutConfig) -> np.ndarray:
     try:
         probe_reader = decord.VideoReader(str(path), num_threads=1)
     except (decord.DECORDError, RuntimeError, AssertionError) as e:
-        raise MediaError("decode_error", f"decord cannot read the clip: {e}") from None
+        raise MediaError(ErrorKind.DECODE_ERROR, f"decord cannot read the clip: {e}") from None
     width, height = -1, -1
     if config.frames_size is not None:
         h0, w0 = probe_reader[0].shape[:2]

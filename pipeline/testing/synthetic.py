@@ -1,7 +1,7 @@
 """A deterministic synthetic image-caption set: one coloured shape on a plain background, with a
 caption that describes it (shape, colour, size, position, background).
 
-The project's tiny models (the tiny CLIP in ``models/tiny-clip``, the tiny VQ tokenizer) train on it,
+The project's tiny models (the tiny CLIP and the tiny VQ tokenizer in ``pipeline/testing/models``) train on it,
 and the demo serves it, because nothing may be downloaded from a model hub here. Every sample is a
 pure function of ``(seed, index)``, so any process can regenerate sample ``i`` without the others.
 
@@ -174,7 +174,7 @@ def encode(image: Image.Image, fmt: str = "jpg", quality: int = 95) -> bytes:
 
 def make_batch(pairs: list[tuple[Image.Image, str]], fmt: str = "jpg", shard_id: int = 0,
                quality: int = 95) -> dict[str, list]:
-    """A pipeline batch (see pipeline.schema) of these pairs as the download stage leaves it:
+    """A pipeline batch (see pipeline.core.schema) of these pairs as the download stage leaves it:
     encoded images under ``fmt``, sizes and sha256 filled in, every row still pending."""
     n = len(pairs)
     images = [encode(im, fmt, quality) for im, _ in pairs]

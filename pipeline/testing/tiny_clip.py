@@ -1,13 +1,13 @@
-"""Train the project's tiny CLIP on the synthetic shapes set (pipeline.synthetic), on CPU.
+"""Train the project's tiny CLIP on the synthetic shapes set (pipeline.testing.synthetic), on CPU.
 
-    python -m filters.tiny_clip --out models/tiny-clip
+    python -m pipeline.testing.tiny_clip      # into pipeline/testing/models/tiny-clip
 
 writes ``tiny-clip.json`` (an open_clip model config), ``bpe.txt.gz`` (a BPE vocabulary covering
 the synthetic captions, so the text tower needs ~600 token embeddings instead of CLIP's 49 408),
 ``tiny-clip.safetensors`` (the weights) and ``metrics.json`` (held-out ROC AUC and the score
 threshold that best separates matched from shuffled captions). Use it like any open_clip model:
 
-    clip_score: {model: models/tiny-clip/tiny-clip.json, pretrained: models/tiny-clip/tiny-clip.safetensors}
+    clip_score: {model: .../tiny-clip/tiny-clip.json, pretrained: .../tiny-clip/tiny-clip.safetensors}
 
 No hub access is needed or attempted: this is how the tests and the demo get a real CLIP.
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.testing import synthetic
+from pipeline.testing.assets import TINY_CLIP
 
 MODEL_NAME = "tiny-clip"
 BPE_FILE = "bpe.txt.gz"
@@ -205,7 +206,7 @@ def evaluate(config_path: Path, weights: Path, seed: int, n: int = 1000) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="models/tiny-clip")
+    p.add_argument("--out", default=str(TINY_CLIP))
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--train-size", type=int, default=20000)

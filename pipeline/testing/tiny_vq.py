@@ -1,7 +1,7 @@
 """Train the project's tiny VQ image tokenizer: transformers' own ``Emu3VQVAE`` with a small config,
-on the synthetic shapes set (:mod:`pipeline.synthetic`), on CPU in a few minutes.
+on the synthetic shapes set (:mod:`pipeline.testing.synthetic`), on CPU in a few minutes.
 
-    python -m pipeline.tokenize.tiny_vq --out models/tiny-vq
+    python -m pipeline.testing.tiny_vq      # into pipeline/testing/models/tiny-vq
 
 64x64 RGB in, an 8x8 grid of ids from a 512-code codebook out. The result is saved with
 ``save_pretrained`` so that it loads the way users load any checkpoint
@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+
+from pipeline.testing.assets import TINY_VQ
 
 TINY_CONFIG = dict(
     codebook_size=512, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 1, 1, 2],
@@ -223,12 +225,12 @@ def write_card(out: Path, metrics: dict) -> None:
 MODEL_CARD = """# tiny-vq
 
 A tiny image tokenizer for mmcurate's demo and tests: transformers' `Emu3VQVAE` with a small config
-({params:,} parameters), trained from scratch on the synthetic shapes set (`pipeline.synthetic`,
-seed 0) by `python -m pipeline.tokenize.tiny_vq --out models/tiny-vq` ({train_seconds:.0f} s on CPU).
+({params:,} parameters), trained from scratch on the synthetic shapes set (`pipeline.testing.synthetic`,
+seed 0) by `python -m pipeline.testing.tiny_vq` ({train_seconds:.0f} s on CPU).
 
 - input: 64x64 RGB in [-1, 1]; output: an 8x8 grid of ids from a 512-code codebook
 - weights stored in float16 (config `dtype: float32`: they load as float32)
-- load: `Emu3VQVAE.from_pretrained("models/tiny-vq")`, or `tokenize.image.model: models/tiny-vq`
+- load: `Emu3VQVAE.from_pretrained(pipeline.testing.assets.TINY_VQ)`, or `tokenize.image.model: <that path>`
 
 Held-out reconstruction ({heldout_images} images of seed {heldout_seed}; `training.json`):
 
@@ -244,7 +246,7 @@ Held-out reconstruction ({heldout_images} images of seed {heldout_seed}; `traini
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("models/tiny-vq"))
+    parser.add_argument("--out", type=Path, default=TINY_VQ)
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
     args = parser.parse_args(argv)

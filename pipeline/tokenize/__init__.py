@@ -5,7 +5,7 @@ The job's ``tokenize:`` section::
 
     tokenize:
       text:  {tokenizer: open_clip, max_length: 77}
-      image: {model: models/tiny-vq, resolution: 64, policy: center_crop, batch_size: 64}
+      image: {model: path/or/hub-id, resolution: 64, policy: center_crop, batch_size: 64}
 
 Each stage stores its outputs as tar members (``KEY.text_ids.npy``, ``KEY.image_ids.npy`` or
 ``KEY.latents.npy``), puts its fingerprint id in a scalar column (hence in the parquet and each

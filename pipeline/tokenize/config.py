@@ -1,4 +1,4 @@
-"""Options of the ``tokenize:`` section of a job, read through :func:`pipeline.config.from_dict`.
+"""Options of the ``tokenize:`` section of a job, read through :func:`pipeline.core.config.from_dict`.
 
 Only what can be checked without the model lives here; rules that need the checkpoint's config
 (resolution a multiple of its downsampling, frames a multiple of its temporal factor) are checked

@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.core import schema
 from pipeline.media.npy import npy_bytes
 from pipeline.core.config import ConfigError
-from pipeline.core.schema import Batch
+from pipeline.core.schema import Batch, ErrorKind
 from pipeline.core.stage import Stage
 from .checkpoint import HUB_ID
 from .common import FORMAT_VERSION, ids_dtype, with_id
@@ -198,7 +198,7 @@ class TextTokenizeStage(Stage):
         try:
             return self._tokenizer.encode([text])[0]
         except Exception as e:
-            schema.mark(batch, i, "stage_error", f"{self.name}: {type(e).__name__}: {e}")
+            schema.mark(batch, i, ErrorKind.STAGE_ERROR, f"{self.name}: {type(e).__name__}: {e}")
             return None
 
 

@@ -21,7 +21,7 @@ from pipeline.core import schema
 from pipeline.media.npy import npy_bytes
 from pipeline.core.config import ConfigError
 from pipeline.core.model_stage import ModelStage
-from pipeline.core.schema import Batch
+from pipeline.core.schema import Batch, ErrorKind
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .common import FORMAT_VERSION, with_id
 from .config import ImageTokenizeConfig
@@ -161,7 +161,7 @@ class VisualTokenizeStage(ModelStage):
             try:
                 item = future.result()
             except Exception as e:  # undecodable or missing media: this sample only
-                schema.mark(batch, i, "stage_error", f"{self.name}: {type(e).__name__}: {e}")
+                schema.mark(batch, i, ErrorKind.STAGE_ERROR, f"{self.name}: {type(e).__name__}: {e}")
                 continue
             group = groups.setdefault(item.pixels.shape, [])
             group.append((i, item))
@@ -187,7 +187,7 @@ class VisualTokenizeStage(ModelStage):
             outputs = self.encode([p.pixels for _, p in group])
         except Exception as e:
             if len(group) == 1:
-                schema.mark(batch, group[0][0], "stage_error", f"{self.name}: {type(e).__name__}: {e}")
+                schema.mark(batch, group[0][0], ErrorKind.STAGE_ERROR, f"{self.name}: {type(e).__name__}: {e}")
                 return
             log.warning("%s: a batch of %d failed (%s); retrying sample by sample", self.name, len(group), e)
             for item in group:

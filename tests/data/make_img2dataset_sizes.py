@@ -1,10 +1,10 @@
-"""Record what img2dataset's own Resizer does, so our tests can check pipeline.resize against it
+"""Record what img2dataset's own Resizer does, so our tests can check pipeline.media.resize against it
 without img2dataset installed.
 
     bash benchmarks/peer_env.sh
     .benchvenv/bin/python tests/data/make_img2dataset_sizes.py   # rewrites img2dataset_sizes.json
 
-The images are generated deterministically with PIL and numpy (``make_images``); tests/test_resize.py
+The images are generated deterministically with PIL and numpy (``make_images``); tests/media/test_resize.py
 imports this module to rebuild the same images and reads the JSON. For every image and every
 config in ``CONFIGS`` the JSON holds img2dataset's ``[width, height, original_width,
 original_height]`` plus a colour fingerprint of its output (mean RGB of each quadrant), or

@@ -3,13 +3,8 @@ the same shards byte for byte as an uninterrupted run."""
 from __future__ import annotations
 
 import io
-import os
 import random
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,6 +12,7 @@ import pytest
 import webdataset as wds
 import yaml
 
+from helpers.jobs import kill_then_rerun, status_tables
 from pipeline.job.runner import run_job
 from pipeline.testing.serve import LocalServer
 from pipeline.job.spec import load_job
@@ -56,10 +52,6 @@ def job_file(tmp_path, server, name, **video):
     return path
 
 
-def tars(out_dir):
-    return {p.name: p.read_bytes() for p in sorted(out_dir.glob("*.tar"))}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, server):
     tmp = tmp_path_factory.mktemp("reference")
@@ -84,26 +76,8 @@ def test_sigkill_mid_job_then_rerun_gives_identical_shards(tmp_path, server, ref
     downloads.mkdir()
     path = job_file(tmp_path, server, "killed", tmp_dir=str(downloads))
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pipeline", "run", str(path), "--no-progress"]
-    rng = random.Random(2)
-    kills = 0
-    for _ in range(4):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(1.5, 3.0))
-        if proc.poll() is not None:
-            assert proc.returncode == 0, proc.stderr.read().decode()
-            break
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        for name, data in tars(out).items():  # what is under a final name is already final
-            assert data == tars(reference)[name], f"{name} differs after a kill"
-    assert kills >= 1, "the job finished before it could be killed; slow it down"
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    assert tars(out) == tars(reference)
-    ref = [pq.read_table(p).drop(["error_message"]).to_pydict() for p in sorted(reference.glob("*.parquet"))]
-    got = [pq.read_table(p).drop(["error_message"]).to_pydict() for p in sorted(out.glob("*.parquet"))]
-    assert got == ref
+    kill_then_rerun(path, out, reference, attempts=4, seed=2, pause=(1.5, 3.0))
+    assert status_tables(out) == status_tables(reference)
     assert not list(downloads.iterdir())  # what the killed runs left was swept
     # and the clips hold the frames of their spans
     with tarfile.open(out / "00000.tar") as tar:

@@ -1,13 +1,8 @@
 """End to end: a real server on 127.0.0.1, real shards, resume after a real SIGKILL, Ray on two nodes."""
 import io
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,6 +11,7 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
+from helpers.jobs import kill_then_rerun, status_tables, tars
 from pipeline.cli.main import main
 from pipeline.core.config import ConfigError
 from pipeline.job.runner import run_job
@@ -56,10 +52,6 @@ def job_file(tmp_path, server, name="job", **overrides):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def tars(out_dir):
-    return {p.name: p.read_bytes() for p in sorted(out_dir.glob("*.tar"))}
 
 
 @pytest.fixture(scope="module")
@@ -147,28 +139,9 @@ def valid_tar(data: bytes) -> bool:
 def test_sigkill_at_any_moment_then_rerun_gives_identical_shards(tmp_path, server, reference):
     path = job_file(tmp_path, server, "killed", download__concurrency=2)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pipeline", "run", str(path), "--no-progress"]
-    rng = random.Random(1)
-    kills = 0
-    for attempt in range(6):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(1.0, 3.5))
-        if proc.poll() is not None:
-            assert proc.returncode == 0, proc.stderr.read().decode()
-            break
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        # whatever is under a final name is complete and already identical to the reference
-        for name, data in tars(out).items():
-            assert data == tars(reference)[name], f"{name} differs after a kill"
-    assert kills >= 1, "the job finished before it could be killed; slow it down"
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    assert tars(out) == tars(reference)
+    kill_then_rerun(path, out, reference, attempts=6, seed=1, pause=(1.0, 3.5))
     assert not list(out.glob(".*.tmp"))
-    ref_tables = [pq.read_table(p).drop(["error_message"]) for p in sorted(reference.glob("*.parquet"))]
-    got_tables = [pq.read_table(p).drop(["error_message"]) for p in sorted(out.glob("*.parquet"))]
-    assert [t.to_pydict() for t in got_tables] == [t.to_pydict() for t in ref_tables]
+    assert status_tables(out) == status_tables(reference)
 
 
 def test_ray_on_a_two_node_cluster_writes_the_same_shards(tmp_path, server, reference, ray_cluster):

@@ -15,7 +15,7 @@ from pipeline.job.runner import run_job
 from pipeline.testing.serve import LocalServer
 from pipeline.job.spec import load_job
 from pipeline.testing.synthetic import make_pairs
-from test_tokenize_fixtures import TINY_VQ, encode_image
+from helpers.tokenize_fixtures import TINY_VQ, encode_image
 
 N = 20
 TOKENIZE = {"text": {"tokenizer": "open_clip", "max_length": 32},

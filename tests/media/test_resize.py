@@ -1,4 +1,4 @@
-"""pipeline.resize: img2dataset's size semantics (checked against its recorded behaviour), format
+"""pipeline.media.resize: img2dataset's size semantics (checked against its recorded behaviour), format
 and mode handling, hostile input, and the JPEG draft-decoding speed path."""
 from __future__ import annotations
 
@@ -9,23 +9,22 @@ import struct
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from helpers.paths import TEST_DATA
 from pipeline.media import resize as rz
 from pipeline.media.geometry import plan_geometry
 from pipeline.media.resize import ResizeConfig, ResizeResult, resize_image
 from pipeline.core.schema import error_kind
 
-DATA = Path(__file__).parent / "data"
-EXPECTED = json.loads((DATA / "img2dataset_sizes.json").read_text())
+EXPECTED = json.loads((TEST_DATA / "img2dataset_sizes.json").read_text())
 
 
 def _load_generator():
-    spec = importlib.util.spec_from_file_location("make_img2dataset_sizes", DATA / "make_img2dataset_sizes.py")
+    spec = importlib.util.spec_from_file_location("make_img2dataset_sizes", TEST_DATA / "make_img2dataset_sizes.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

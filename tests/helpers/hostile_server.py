@@ -1,6 +1,6 @@
 """A hostile HTTP server on 127.0.0.1: every way a web-scale URL list goes wrong, as named cases.
 
-    from hostile_server import hostile_server, fetch_config   # tests/ is on sys.path under pytest
+    from helpers.hostile_server import hostile_server, fetch_config   # tests/ is on sys.path (pyproject pythonpath)
 
     with hostile_server() as (server, cases):
         case = cases["redirect_loop"]

@@ -1,4 +1,4 @@
-"""The synthetic shapes set (pipeline.synthetic) and the tiny CLIP's training helpers."""
+"""The synthetic shapes set (pipeline.testing.synthetic) and the tiny CLIP's training helpers."""
 import random
 from dataclasses import asdict
 from pathlib import Path

@@ -18,13 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline.testing import synthetic
-from pipeline.testing.assets import DEMO_JOB, HERE
 from pipeline.cli.inspect import render, summarize
 from pipeline.job.runner import run_job
-from pipeline.testing.serve import LocalServer
 from pipeline.job.spec import load_job
 from pipeline.sinks.webdataset import read_status_tables
+from pipeline.testing import synthetic
+from pipeline.testing.assets import DEMO_JOB, HERE
+from pipeline.testing.serve import LocalServer
 
 N_IMAGES = 400
 MISMATCHED = 0.2   # share of captions replaced by another image's caption

@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import json
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 import yaml
 
 from catalogs import all_cards, load_card
+from helpers.paths import REPO
 from pipeline.cli.main import main
 from pipeline.job.spec import load_job
 
-ROOT = Path(__file__).resolve().parent.parent
 JOBS = ["laion-400m", "relaion-5b-research-safe", "coyo-700m", "datacomp-commonpool-medium", "cc3m", "cc12m",
         "webvid-10m", "panda-70m", "internvid"]
 
@@ -156,7 +155,7 @@ def test_help_texts_explain(capsys):
 
 @pytest.mark.parametrize("name", JOBS)
 def test_bundled_job_specs_load_and_fit_their_card(name):
-    path = ROOT / "jobs" / f"{name}.yaml"
+    path = REPO / "jobs" / f"{name}.yaml"
     spec = load_job(path)
     card = load_card(spec.input.catalog)
     assert card.name == name and card.reader is not None
@@ -174,7 +173,7 @@ def test_bundled_job_specs_load_and_fit_their_card(name):
 
 
 def test_every_job_file_names_a_card():
-    for path in (ROOT / "jobs").glob("*.yaml"):
+    for path in (REPO / "jobs").glob("*.yaml"):
         spec = load_job(path)
         if path.stem != "demo":
             assert spec.input.catalog == path.stem

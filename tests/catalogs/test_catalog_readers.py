@@ -221,7 +221,7 @@ def test_hub_dataset_loads_with_datasets_from_the_same_cache(offline_hub, tmp_pa
     assert ds.num_rows == 2 and ds.column_names == ["images", "metadata", "general_metadata", "texts"]
 
 
-# -- through the shard planner (the lead's pipeline.reader), as a job runs it ------------------------
+# -- through the shard planner (pipeline.job.build.input_shards), as a job runs it ------------------
 
 def test_planner_reads_a_catalog_input():
     from pipeline.job.build import input_shards

@@ -8,7 +8,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from hostile_server import hostile_server
+from helpers.hostile_server import hostile_server
 from pipeline.job.runner import run_job
 from pipeline.job.spec import load_job
 

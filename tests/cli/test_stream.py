@@ -6,7 +6,7 @@ import re
 import pytest
 
 from pipeline.cli.main import main
-from test_loader_tar import write_output
+from helpers.loader_output import write_output
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from PIL import Image, ImageOps
 
-from hostile_server import Case, fetch_config, hostile_server, media_samples
+from helpers.hostile_server import Case, fetch_config, hostile_server, media_samples
 from pipeline.core import schema
 from pipeline.fetch import (FetchConfig, Fetcher, ForbiddenAddress, VettingResolver, address_problem,
                            fetch_all, fetch_many, optouts, retry_after_seconds, sniff)

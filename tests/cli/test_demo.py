@@ -1,7 +1,7 @@
 """The demo is the whole pipeline offline: it must finish and its filters must do their job."""
 import json
 
-from pipeline.testing.demo import run_demo
+from pipeline.cli.demo import run_demo
 from pipeline.sinks.webdataset import read_status_tables
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.loader import ShardDataset
-from test_loader_tar import write_output
+from helpers.loader_output import write_output
 
 SIZES = [5, 0, 4, 3]  # includes a shard whose rows all failed: an empty tar
 
