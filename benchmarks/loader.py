@@ -43,11 +43,11 @@ from typing import Callable
 import numpy as np
 
 from pipeline.core import schema
+from pipeline.loader import Loader, ShardDataset  # noqa: E402
 from pipeline.media.npy import npy_bytes
 from pipeline.sinks import Directory
 from pipeline.sinks.webdataset import shard_name, tar_bytes
 from pipeline.testing.output import write_shards
-from pipeline.loader import Loader, ShardDataset  # noqa: E402
 
 IMAGE_FIELDS = ("jpg", "txt")
 TOKEN_FIELDS = ("text_ids.npy", "image_ids.npy")

@@ -18,11 +18,11 @@ from typing import Any, Literal, Optional
 import numpy as np
 
 from pipeline.core import schema
-from pipeline.media.npy import npy_bytes
 from pipeline.core.config import ConfigError, from_dict
 from pipeline.core.model_stage import ModelStage
 from pipeline.core.schema import Batch, ErrorKind
 from pipeline.core.stage import JobContext
+from pipeline.media.npy import npy_bytes
 
 from .base import Filter, alive_with_image
 from .clip_model import RANDOM_WEIGHTS, absolute_if_path, file_digest, is_config_path

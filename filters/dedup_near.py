@@ -19,9 +19,9 @@ from typing import Literal
 import numpy as np
 
 from pipeline.core import schema
-from pipeline.media.npy import read_npy
 from pipeline.core.config import ConfigError
 from pipeline.core.schema import Batch, ErrorKind
+from pipeline.media.npy import read_npy
 
 from .base import Filter, alive_with_image
 from .perceptual import BITS, HASHES, HammingIndex

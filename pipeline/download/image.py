@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-
 from dataclasses import dataclass
 
 from pipeline.core import schema

@@ -26,8 +26,8 @@ from typing import Any, Iterator, Union
 
 from pipeline.core.schema import Batch
 from pipeline.core.stage import Resources, Stage
-from pipeline.executors.base import (Executor, Failure, OnDone, OrderGate, Payload, Replay, ShardOutcome, Step, Work,
-                                     run_stages, write_shard)
+from pipeline.executors.base import (Executor, Failure, OnDone, OrderGate, Payload, Replay, ShardOutcome, Step,
+                                     Work, run_stages, write_shard)
 from pipeline.executors.ray_connect import connect_ray
 from pipeline.sinks.base import Sink
 from pipeline.sources.shards import InputShard

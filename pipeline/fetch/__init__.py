@@ -22,8 +22,7 @@ What one fetch does, and why:
 * The body is streamed under a byte cap, checked against Content-Length (truncation), and its
   media type is sniffed from the bytes (never from Content-Type) as soon as the head arrives.
 """
-from pipeline.fetch.address import (ForbiddenAddress, IPAddress, Lookup, VettingResolver, address_problem,
-                                    system_lookup)
+from pipeline.fetch.address import ForbiddenAddress, IPAddress, Lookup, VettingResolver, address_problem, system_lookup
 from pipeline.fetch.client import FetchConfig, Fetcher, FetchResult, fetch_all, fetch_many
 from pipeline.fetch.headers import DEFAULT_USER_AGENT, agent_tokens, optouts, retry_after_seconds
 from pipeline.fetch.sniff import SNIFF_BYTES, sniff

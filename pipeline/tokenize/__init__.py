@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.core.config import ConfigError
 from pipeline.core.stage import Stage
+
 from .config import ImageTokenizeConfig, TextTokenizeConfig, TokenizeConfig, parse
 from .text import TextTokenizeStage
 from .visual import VisualTokenizeStage

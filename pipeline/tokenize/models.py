@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.core.config import ConfigError
+
 from .checkpoint import Checkpoint
 from .common import ids_dtype
 

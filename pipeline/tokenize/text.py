@@ -19,10 +19,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pipeline.core import schema
-from pipeline.media.npy import npy_bytes
 from pipeline.core.config import ConfigError
 from pipeline.core.schema import Batch, ErrorKind
 from pipeline.core.stage import Stage
+from pipeline.media.npy import npy_bytes
+
 from .checkpoint import HUB_ID
 from .common import FORMAT_VERSION, ids_dtype, with_id
 from .config import OPEN_CLIP, TextTokenizeConfig, is_open_clip

@@ -18,10 +18,11 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from pipeline.core import schema
-from pipeline.media.npy import npy_bytes
 from pipeline.core.config import ConfigError
 from pipeline.core.model_stage import ModelStage
 from pipeline.core.schema import Batch, ErrorKind
+from pipeline.media.npy import npy_bytes
+
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .common import FORMAT_VERSION, with_id
 from .config import ImageTokenizeConfig

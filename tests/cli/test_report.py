@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.core import schema
 from pipeline.cli.report import summarize, write_report
+from pipeline.core import schema
 
 
 def write_output(out, shards=3, rows=40, seed=0):

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from pipeline.cli.main import main
 from helpers.loader_output import write_output
+from pipeline.cli.main import main
 
 
 @pytest.fixture(scope="module")

@@ -150,8 +150,9 @@ def main() -> None:
     import os
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks online on import
-    import img2dataset  # noqa: F401 - fail early outside .benchvenv
     from importlib.metadata import version
+
+    import img2dataset  # noqa: F401 - fail early outside .benchvenv
 
     images = make_images()
     results = {name: {cid: run_img2dataset(data, cfg) for cid, cfg in CONFIGS.items()}

@@ -22,9 +22,9 @@ from aiohttp import web
 from helpers.videos import decoded, write_videos
 from pipeline.core import schema
 from pipeline.core.config import ConfigError
-from pipeline.testing.serve import LocalServer
-from pipeline.job.spec import load_job
 from pipeline.job.build import download_stage
+from pipeline.job.spec import load_job
+from pipeline.testing.serve import LocalServer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,8 +14,8 @@ import yaml
 
 from helpers.jobs import kill_then_rerun, status_tables
 from pipeline.job.runner import run_job
-from pipeline.testing.serve import LocalServer
 from pipeline.job.spec import load_job
+from pipeline.testing.serve import LocalServer
 from pipeline.testing.video_synth import read_counter, write_counter_video
 
 pytestmark = pytest.mark.timeout(180)

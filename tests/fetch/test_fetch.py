@@ -21,8 +21,8 @@ from PIL import Image, ImageOps
 
 from helpers.hostile_server import Case, fetch_config, hostile_server, media_samples
 from pipeline.core import schema
-from pipeline.fetch import (FetchConfig, Fetcher, ForbiddenAddress, VettingResolver, address_problem,
-                           fetch_all, fetch_many, optouts, retry_after_seconds, sniff)
+from pipeline.fetch import (FetchConfig, Fetcher, ForbiddenAddress, VettingResolver, address_problem, fetch_all,
+                            fetch_many, optouts, retry_after_seconds, sniff)
 
 
 @pytest.fixture(scope="module")

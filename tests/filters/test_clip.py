@@ -3,18 +3,17 @@
 import io
 import json
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from filters import build_filters
+from pipeline.core import schema
+from pipeline.core.stage import JobContext
+from pipeline.testing import synthetic
 from pipeline.testing.assets import TINY_CLIP, TINY_CLIP_CONFIG, TINY_CLIP_WEIGHTS
 from pipeline.testing.tiny_clip import roc_auc
-from pipeline.core import schema
-from pipeline.testing import synthetic
-from pipeline.core.stage import JobContext
 
 torch.set_num_threads(2)
 

@@ -8,9 +8,9 @@ from PIL import Image, ImageFilter
 from filters import FILTERS, build_filters
 from filters.perceptual import HammingIndex, dhash, phash
 from pipeline.core import schema
-from pipeline.testing import synthetic
 from pipeline.core.config import ConfigError
 from pipeline.job.spec import load_job
+from pipeline.testing import synthetic
 
 
 def build(name, **options):

@@ -2,9 +2,8 @@
 and near dedup across shards, per-filter counts in the stats, exact resume, and the report."""
 import io
 import json
-from collections import Counter
 import tarfile
-from pathlib import Path
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -13,12 +12,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline.testing import synthetic
-from pipeline.job.runner import run_job
 from pipeline.cli.report import write_report
+from pipeline.job.runner import run_job
+from pipeline.job.spec import load_job
+from pipeline.testing import synthetic
 from pipeline.testing.assets import TINY_CLIP
 from pipeline.testing.serve import LocalServer
-from pipeline.job.spec import load_job
 
 torch.set_num_threads(2)
 

@@ -93,8 +93,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from PIL import Image
 
-from pipeline.fetch import FetchConfig
 from pipeline.core.schema import FAILED_TO_DECODE, FAILED_TO_DOWNLOAD, SUCCESS
+from pipeline.fetch import FetchConfig
 from pipeline.testing.serve import LocalServer
 
 LOOPBACK = ("127.0.0.0/8",)

@@ -15,9 +15,9 @@ import numpy as np
 from PIL import Image
 
 from pipeline.core import schema
+from pipeline.loader.tar import split_name
 from pipeline.media.npy import npy_bytes
 from pipeline.testing.output import write_shards
-from pipeline.loader.tar import split_name
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (24, 16)) -> bytes:

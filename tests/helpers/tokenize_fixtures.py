@@ -11,7 +11,6 @@ from PIL import Image
 
 from pipeline.core import schema
 
-from pipeline.testing.assets import TINY_VQ  # noqa: E402
 torch.set_num_threads(2)
 
 

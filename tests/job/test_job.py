@@ -15,8 +15,8 @@ from helpers.jobs import kill_then_rerun, status_tables, tars
 from pipeline.cli.main import main
 from pipeline.core.config import ConfigError
 from pipeline.job.runner import run_job
-from pipeline.testing.serve import LocalServer
 from pipeline.job.spec import load_job
+from pipeline.testing.serve import LocalServer
 
 N = 60
 

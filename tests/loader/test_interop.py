@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.loader import ShardDataset
 from helpers.loader_output import write_output
+from pipeline.loader import ShardDataset
 
 SIZES = [5, 0, 4, 3]  # includes a shard whose rows all failed: an empty tar
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.loader_output import jpeg_bytes, write_output
 from pipeline.loader import Loader, ShardDataset, ShardError, SkippedDataWarning
 from pipeline.loader.plan import epoch_draws, mix_order, mix_prefix, split_evenly, worker_ranges
-from helpers.loader_output import jpeg_bytes, write_output
 
 SIZES = [6, 0, 9, 4, 5]  # an empty shard included, as jobs where every row failed produce
 TOTAL = sum(SIZES)

@@ -11,9 +11,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.sinks.webdataset import tar_bytes
 from pipeline.loader import Shard, ShardDataset, Source
 from pipeline.loader.plan import source_segments
+from pipeline.sinks.webdataset import tar_bytes
 
 FAST = settings(max_examples=150, deadline=None)
 IO = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -10,8 +10,8 @@ from typing import Optional
 import pytest
 
 from helpers.loader_output import write_output
-from pipeline.sinks.webdataset import tar_bytes
 from pipeline.loader.tar import TarFormatError, _samples, _TarReader, split_name
+from pipeline.sinks.webdataset import tar_bytes
 
 ALL = {e: e for e in ("jpg", "txt", "json", "text_ids.npy", "clip.npy", "cls", "mp4", "tar")}
 

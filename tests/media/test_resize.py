@@ -15,10 +15,10 @@ import pytest
 from PIL import Image, ImageOps
 
 from helpers.paths import TEST_DATA
+from pipeline.core.schema import error_kind
 from pipeline.media import resize as rz
 from pipeline.media.geometry import plan_geometry
 from pipeline.media.resize import ResizeConfig, ResizeResult, resize_image
-from pipeline.core.schema import error_kind
 
 EXPECTED = json.loads((TEST_DATA / "img2dataset_sizes.json").read_text())
 

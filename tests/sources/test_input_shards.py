@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.core import schema
 from pipeline.job.build import input_shards
-from pipeline.sources.formats import iter_records
 from pipeline.job.spec import load_job
+from pipeline.sources.formats import iter_records
 
 URLS = [f"http://example.test/{i}.jpg" for i in range(25)]
 

@@ -1,14 +1,13 @@
 """The synthetic shapes set (pipeline.testing.synthetic) and the tiny CLIP's training helpers."""
 import random
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pipeline.testing import synthetic
 from pipeline.testing.assets import TINY_CLIP
 from pipeline.testing.tiny_clip import CONTEXT_LENGTH, caption_words, learn_merges, roc_auc, write_bpe
-from pipeline.testing import synthetic
 
 
 def test_samples_are_pure_functions_of_seed_and_index():

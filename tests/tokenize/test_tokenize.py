@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.tokenize_fixtures import (encode_image, make_batch, random_image, save_tiny_chameleon, save_tiny_emu3,
+                                       save_tiny_emu3_full, save_tiny_vae)
 from pipeline.core import schema
 from pipeline.core.config import ConfigError
+from pipeline.media.npy import read_npy as load_npy
+from pipeline.testing.assets import TINY_VQ
 from pipeline.testing.synthetic import make_pairs
 from pipeline.tokenize import VisualTokenizeStage, build_tokenizers
-from pipeline.media.npy import read_npy as load_npy
 from pipeline.tokenize.visual import prepare, to_pixels
-from helpers.tokenize_fixtures import (TINY_VQ, encode_image, make_batch, random_image, save_tiny_chameleon,
-                                       save_tiny_emu3, save_tiny_emu3_full, save_tiny_vae)
 
 
 def image_stage(model, **options) -> VisualTokenizeStage:

@@ -11,11 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from helpers.tokenize_fixtures import encode_image
 from pipeline.job.runner import run_job
-from pipeline.testing.serve import LocalServer
 from pipeline.job.spec import load_job
+from pipeline.testing.assets import TINY_VQ
+from pipeline.testing.serve import LocalServer
 from pipeline.testing.synthetic import make_pairs
-from helpers.tokenize_fixtures import TINY_VQ, encode_image
 
 N = 20
 TOKENIZE = {"text": {"tokenizer": "open_clip", "max_length": 32},

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.tokenize_fixtures import encode_image, make_batch, random_image, save_tiny_emu3
 from pipeline.core import schema
+from pipeline.media.npy import npy_bytes
+from pipeline.media.npy import read_npy as load_npy
+from pipeline.testing.video_synth import counter_frame, counter_video_bytes, read_counter
 from pipeline.tokenize import build_tokenizers
-from pipeline.media.npy import npy_bytes, read_npy as load_npy
 from pipeline.tokenize.media import read_media, uniform_indices
 from pipeline.tokenize.visual import prepare, to_pixels
-from pipeline.testing.video_synth import counter_frame, counter_video_bytes, read_counter
-from helpers.tokenize_fixtures import encode_image, make_batch, random_image, save_tiny_emu3
 
 FRAMES, TEMPORAL = 4, 2
 
@@ -96,7 +97,7 @@ def test_undecodable_video_is_marked(video_vq, clip):
 
 
 def test_per_frame_models_code_each_frame(clip):
-    from helpers.tokenize_fixtures import TINY_VQ
+    from pipeline.testing.assets import TINY_VQ
 
     stage = stage_for(TINY_VQ, resolution=64)
     batch = make_batch([{"frames.npy": npy_bytes(clip)}])
