@@ -46,10 +46,7 @@ class CaptionFilter(Filter):
         self.must_not = [re.compile(p, re.IGNORECASE) for p in config.must_not_match]
 
     def problem(self, row: Row) -> Optional[str]:
-        return self.text_problem((row[schema.CAPTION] or "").strip())
-
-    def text_problem(self, text: str) -> Optional[str]:
-        o = self.config
+        o, text = self.config, (row[schema.CAPTION] or "").strip()
         words, chars = len(text.split()), len(text)
         if words < o.min_words:
             return f"{words} words, fewer than {o.min_words}"

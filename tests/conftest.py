@@ -1,7 +1,9 @@
-"""Shared fixtures: one real two-node Ray cluster on 127.0.0.1 per test session."""
+"""Shared fixtures: one real two-node Ray cluster on 127.0.0.1 per test session, and the counter
+videos the video tests cut and download."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +39,11 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def videos(tmp_path_factory) -> dict[str, Path]:
+    """Counter videos in several codecs and containers (helpers.videos), written once."""
+    from helpers.videos import write_videos
+
+    return write_videos(tmp_path_factory.mktemp("videos"))

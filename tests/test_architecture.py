@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import io
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -165,8 +166,13 @@ def test_test_helpers_stay_out_of_the_curation_path():
 # -- the wheel -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+    """A wheel built from a copy of the sources (a build in the checkout could pick up stale files)."""
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source)
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(out)], check=True, capture_output=True)
     (path,) = out.glob("mmcurate-*.whl")
     return path

@@ -32,7 +32,7 @@ from yarl import URL
 from pipeline.core import schema
 from pipeline.core.schema import Batch, ErrorKind
 from pipeline.core.stage import ThreadPoolStage
-from pipeline.download.ytdlp import YtdlpOptions
+from pipeline.download.ytdlp import YtdlpOptions, require_ytdlp
 from pipeline.fetch import FetchConfig, Fetcher, FetchResult, ForbiddenAddress
 from pipeline.media.npy import npy_bytes
 from pipeline.media.video import Clip, CutConfig, MediaError, SourceInfo, Span, probe_file, try_cut_clip
@@ -47,9 +47,8 @@ VIDEO_COLUMNS = {schema.CLIP_START: "double", schema.CLIP_END: "double", "durati
 
 @dataclass(frozen=True)
 class VideoDownloadConfig:
-    fetch: FetchConfig                     # media "video"; its concurrency is the videos in flight
-    cut: CutConfig
-    concurrency: int = 8                   # videos downloading or being cut at once, per task
+    fetch: FetchConfig                     # media "video"; its concurrency: videos downloading or
+    cut: CutConfig                         # being cut at once, per task
     tmp_dir: Optional[str] = None          # where sources are downloaded; None: the system temp dir
     ytdlp: Optional[YtdlpOptions] = None   # the yt-dlp backend's options; None: plain HTTP
     cpus: int = 1                          # threads cutting clips
@@ -67,8 +66,6 @@ class VideoDownloadStage(ThreadPoolStage):
 
     def check(self) -> None:
         if self.config.ytdlp is not None:
-            from pipeline.download.ytdlp import require_ytdlp
-
             require_ytdlp()  # fail at job start, not in every sample
 
     def process(self, batch: Batch) -> Batch:
@@ -86,7 +83,7 @@ class VideoDownloadStage(ThreadPoolStage):
     # -- per video -------------------------------------------------------------------------------
     async def _run(self, batch: Batch, groups: dict[str, list[int]], tmp: Path) -> None:
         # One slot per video from its download to its last clip: bounds videos on disk.
-        slots = asyncio.Semaphore(self.config.concurrency)
+        slots = asyncio.Semaphore(self.config.fetch.concurrency)
         async with Fetcher(self.config.fetch) as fetcher:
 
             async def one(n: int, url: str, rows: list[int]) -> None:

@@ -93,7 +93,7 @@ def download_stage(spec: JobSpec) -> Stage:
     if spec.download.media == "video":
         return VideoDownloadStage(VideoDownloadConfig(
             fetch=fetch_config(spec.download, "video", spec.video.concurrency), cut=cut_config(spec),
-            concurrency=spec.video.concurrency, tmp_dir=spec.video.tmp_dir, ytdlp=ytdlp_options(spec), cpus=cpus))
+            tmp_dir=spec.video.tmp_dir, ytdlp=ytdlp_options(spec), cpus=cpus))
     return ImageDownloadStage(ImageDownloadConfig(fetch=fetch_config(spec.download),
                                                   resize=resize_config(spec.download), cpus=cpus))
 

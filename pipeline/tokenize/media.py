@@ -12,7 +12,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = ("jpg", "png", "webp", "jpeg")
+from pipeline.core import schema
+from pipeline.media.npy import read_npy
 
 
 class MediaError(ValueError):
@@ -30,12 +31,12 @@ def read_media(files: dict[str, bytes], frames: int) -> tuple[list[Image.Image],
     """(images, is_video): one image for an image sample (opened lazily, so that the resize can
     decode a JPEG at reduced scale), ``frames`` RGB frames for a clip."""
     if "frames.npy" in files:
-        return _from_array(np.load(io.BytesIO(files["frames.npy"]), allow_pickle=False), frames), True
+        return _from_array(read_npy(files["frames.npy"]), frames), True
     if "mp4" in files:
         return _from_mp4(files["mp4"], frames), True
-    for ext in IMAGE_EXTENSIONS:
-        if ext in files:
-            return [Image.open(io.BytesIO(files[ext]))], False
+    image = schema.image_of(files)
+    if image is not None:
+        return [Image.open(io.BytesIO(image))], False
     raise MediaError(f"no image or video to tokenize (files: {', '.join(sorted(files)) or 'none'})")
 
 

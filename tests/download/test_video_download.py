@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from helpers.videos import decoded, write_videos
+from helpers.videos import decoded
 from pipeline.core import schema
 from pipeline.core.config import ConfigError
 from pipeline.job.build import download_stage
@@ -29,12 +29,7 @@ from pipeline.testing.serve import LocalServer
 pytestmark = pytest.mark.timeout(120)
 
 
-# -- fixtures and helpers ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory) -> dict[str, Path]:
-    return write_videos(tmp_path_factory.mktemp("videos"))
-
-
+# -- helpers -------------------------------------------------------------------------------------
 def job_spec(tmp_path: Path, video: dict | None = None, **download):
     data = {"input": {"files": [str(tmp_path / "unused.parquet")]},
             "download": {"media": "video", "allow_private_addresses": True, "timeout": 5, **download},

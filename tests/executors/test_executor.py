@@ -1,5 +1,7 @@
 """Executors: the same stages give the same shards locally and on Ray; stateful stages run in
-actors set up once; ordered stages see shards in order, also across a resume."""
+actors set up once; ordered stages see shards in order, also across a resume; a stage that raises
+fails its shard, not the job, with the same error text under every engine, and is retried in the
+run unless a stage is ordered."""
 import os
 
 import pyarrow as pa
@@ -72,6 +74,24 @@ class SeenBefore(Stage):
         return batch
 
 
+class Flaky(Stage):
+    """Succeeds except on the shards listed, where it raises the first ``fails`` times it runs."""
+    name = "flaky"
+
+    def __init__(self, bad_shards, fails=99):
+        super().__init__()
+        self.bad, self.fails, self.calls = set(bad_shards), fails, {}
+
+    def process(self, batch):
+        shard = int(batch[schema.KEY][0][:5])
+        self.calls[shard] = self.calls.get(shard, 0) + 1
+        if shard in self.bad and self.calls[shard] <= self.fails:
+            raise RuntimeError(f"boom in shard {shard}")
+        for i in schema.alive(batch):
+            batch[schema.FILES][i]["txt2"] = b"x"
+        return batch
+
+
 @pytest.fixture(autouse=True)
 def stages_travel_by_value():
     """Ray workers cannot import this test module: ship its stage classes by value."""
@@ -93,19 +113,21 @@ def make_spec(tmp_path, name, engine="local", **execution):
                           "execution": {"engine": engine, "progress": False, **execution}})
 
 
-def run(executor, spec, stages):
-    """Run ``stages`` over the spec's shards; the ids written now (complete ones are skipped)."""
-    done, errors = [], {}
-
-    def on_done(outcome):
-        if not outcome.skipped:
-            (done.append(outcome.shard_id) if outcome.ok else errors.__setitem__(outcome.shard_id, outcome.error))
-
+def outcomes(executor, spec, stages):
+    """Run ``stages`` over the spec's shards into its sink: the sink and every shard's outcome."""
+    got = {}
     sink = build_sink(spec, stages)
     sink.open()
-    executor.run(input_shards(spec), stages, sink, on_done)
+    executor.run(input_shards(spec), stages, sink, lambda outcome: got.__setitem__(outcome.shard_id, outcome))
+    return sink, got
+
+
+def run(executor, spec, stages):
+    """The ids of the shards written now (complete ones are skipped); none may fail."""
+    _, got = outcomes(executor, spec, stages)
+    errors = {i: o.error for i, o in got.items() if not o.ok}
     assert not errors, errors
-    return sorted(done)
+    return sorted(i for i, o in got.items() if not o.skipped)
 
 
 def tables(out_dir, drop=("model_pid", "model_setups")):
@@ -160,3 +182,32 @@ def test_ordered_state_is_rebuilt_from_complete_shards_on_resume(tmp_path, engin
     assert done == [1, 3, 4, 6, 7]
     assert all(sink.is_complete(i) for i in range(8))
     assert tables(tmp_path / "resumed") == tables(tmp_path / "ref")
+
+
+def frames(error):
+    """The traceback's last line and the frame of the stage that raised."""
+    lines = error.strip().splitlines()
+    return lines[-1], [line.strip() for line in lines if "in process" in line][-1]
+
+
+def test_a_failed_shard_does_not_stop_the_job_and_reads_the_same_everywhere(tmp_path, ray_cluster):
+    local = make_spec(tmp_path, "local", shard_retries=0)
+    sink, got = outcomes(LocalExecutor(local.execution), local, [Flaky({1})])
+    assert sorted(got) == list(range(8)) and [i for i, o in got.items() if not o.ok] == [1]
+    assert sink.is_complete(0) and not sink.is_complete(1) and sink.is_complete(2)
+    assert frames(got[1].error)[0] == "RuntimeError: boom in shard 1"
+    on_ray = make_spec(tmp_path, "ray", engine="ray", address=ray_cluster.address, shard_retries=0)
+    _, remote = outcomes(RayExecutor(on_ray.execution), on_ray, [Flaky({1})])
+    assert sorted(remote) == list(range(8)) and [i for i, o in remote.items() if not o.ok] == [1]
+    assert frames(remote[1].error) == frames(got[1].error)  # same text, not Ray's own wrapping
+
+
+def test_retries_in_the_run_but_never_with_an_ordered_stage(tmp_path):
+    spec = make_spec(tmp_path, "retry", shard_retries=2)
+    flaky = Flaky({1}, fails=2)
+    _, got = outcomes(LocalExecutor(spec.execution), spec, [flaky])
+    assert got[1].ok and flaky.calls[1] == 3
+    ordered = make_spec(tmp_path, "ordered", shard_retries=2)
+    flaky = Flaky({1}, fails=1)
+    _, got = outcomes(LocalExecutor(ordered.execution), ordered, [flaky, SeenBefore()])
+    assert not got[1].ok and flaky.calls[1] == 1

@@ -13,7 +13,7 @@ import av
 import numpy as np
 import pytest
 
-from helpers.videos import decoded, write_videos
+from helpers.videos import decoded
 from pipeline.core import schema
 from pipeline.media.video import CutConfig, MediaError, cut_clips, frame_indices
 from pipeline.testing.video_synth import read_counter
@@ -21,12 +21,7 @@ from pipeline.testing.video_synth import read_counter
 pytestmark = pytest.mark.timeout(120)
 
 
-# -- fixtures and helpers ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory) -> dict[str, Path]:
-    return write_videos(tmp_path_factory.mktemp("videos"))
-
-
+# -- helpers -------------------------------------------------------------------------------------
 def source_fps(path: Path) -> float:
     with av.open(str(path)) as container:
         return float(container.streams.video[0].average_rate)
