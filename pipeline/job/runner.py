@@ -59,9 +59,9 @@ class Job:
         removed = sink.open()
         if removed:
             log.info("removed %d partial files left by an interrupted run", removed)
-        directory = sink.directory
-        manifest = manifests.load(directory, self.spec.to_dict())
-        manifest.update(name=self.spec.name, job=self.spec.to_dict(), versions=manifests.versions(),
+        directory, job = sink.directory, self.spec.to_dict()
+        manifest = manifests.load(directory, job)
+        manifest.update(name=self.spec.name, job=job, versions=manifests.versions(),
                         status="running", started=manifest.get("started", manifests.now()))
         manifest["fingerprints"] = {k: fp for k, s in zip(manifests.stage_keys(stages), stages)
                                     if (fp := s.fingerprint()) is not None}
