@@ -22,7 +22,7 @@ Which = Literal["original", "stored"]  # the downloaded image, or the one writte
 
 
 class Row:
-    """One row of a batch, read by column name: ``row["caption"]``, ``row.files``, ``row.image``."""
+    """One row of a batch, read by column name: ``row["caption"]``, ``row[schema.URL]``."""
 
     __slots__ = ("batch", "i")
 
@@ -31,18 +31,6 @@ class Row:
 
     def __getitem__(self, column: str) -> Any:
         return self.batch[column][self.i]
-
-    def get(self, column: str, default: Any = None) -> Any:
-        values = self.batch.get(column)
-        return default if values is None else values[self.i]
-
-    @property
-    def files(self) -> dict[str, bytes]:
-        return self.batch[schema.FILES][self.i]
-
-    @property
-    def image(self) -> Optional[bytes]:
-        return schema.image_of(self.files)
 
     def size(self, which: Which = "original") -> tuple[Optional[int], Optional[int]]:
         """(width, height) of the image as downloaded ("original") or as stored after resizing."""
