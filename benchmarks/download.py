@@ -59,6 +59,14 @@ def successes(out_dir: Path) -> int:
     return sum(json.loads(p.read_text()).get("successes", 0) for p in out_dir.glob("*_stats.json"))
 
 
+def startup_of(run, urls: Path, work: Path, name: str, *args) -> float:
+    """A tool's fixed cost: the same command over a one-URL list (imports, workers, Ray start-up,
+    one shard written)."""
+    one = work / f"one-{name}.parquet"
+    pq.write_table(pq.read_table(urls).slice(0, 1), one)
+    return run(one, work / f"one-{name}", *args)["seconds"]
+
+
 def run_img2dataset(urls: Path, out: Path, cores: int) -> dict:
     cmd = [str(PEER_BIN), "--url_list", str(urls), "--input_format", "parquet", "--url_col", "url",
            "--caption_col", "caption", "--output_format", "webdataset", "--output_folder", str(out),
@@ -135,17 +143,23 @@ def main() -> None:
         if not args.skip_peer:
             if not PEER_BIN.exists():
                 sys.exit("no peer venv: run `bash benchmarks/peer_env.sh` first (or pass --skip-peer)")
-            runs.append(run_img2dataset(urls, work / "img2dataset", cores))
-        runs.append(run_mmcurate(urls, work / "mmcurate-local", "local", cores))
-        runs.append(run_mmcurate(urls, work / "mmcurate-ray", "ray", cores))
+            runs.append({**run_img2dataset(urls, work / "img2dataset", cores),
+                         "startup": startup_of(run_img2dataset, urls, work, "img2dataset", cores)})
+        for engine in ("local", "ray"):
+            runs.append({**run_mmcurate(urls, work / f"mmcurate-{engine}", engine, cores),
+                         "startup": startup_of(run_mmcurate, urls, work, engine, engine, cores)})
     print(f"\n{args.urls} URLs ({args.images} distinct JPEGs, 320-1600 px), lognormal latency median 40 ms, "
           f"256 center_crop jpg q95, {cores} cores, {CONCURRENCY} requests in flight per worker")
-    base = runs[0]["ok"] / runs[0]["seconds"] if not args.skip_peer else None
+    print(f"machine: {cores} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
+    base = runs[0] if not args.skip_peer else None
     for r in runs:
         rate = r["ok"] / r["seconds"]
-        ratio = f"  {rate / base:.2f}x img2dataset" if base else ""
+        steady = r["ok"] / max(r["seconds"] - r["startup"], 1e-9)  # without the fixed start-up cost
+        ratio = (f"  {rate / (base['ok'] / base['seconds']):.2f}x img2dataset, "
+                 f"{steady / (base['ok'] / (base['seconds'] - base['startup'])):.2f}x without start-up") if base else ""
         print(f"  {r['tool']:<18} {r['ok']:>6} ok in {r['seconds']:6.1f} s = {rate:7.1f} ok/s "
-              f"({100 * rate / limit_rate:5.1f}% of the decode limit), peak RSS {r['peak_rss_mib']} MiB{ratio}")
+              f"({100 * rate / limit_rate:5.1f}% of the decode limit); start-up {r['startup']:.1f} s, "
+              f"{steady:.1f} ok/s after it; peak RSS {r['peak_rss_mib']} MiB{ratio}")
     if args.memory_rows:
         print("\npeak memory of mmcurate (local engine, 64 px, 1000 rows per shard) by input size:")
         for r in memory_flatness(work, args.memory_rows, cores):

@@ -42,7 +42,8 @@ def read_rows(card: Card, files: list[str], input_spec: Any = None,
     for path in resolve_files(card, files):
         first = True
         for chunk in iter_records(path, fmt, header=card.metadata.header, names=card.metadata.names or None,
-                                  batch_rows=batch_rows, columns=sorted(plan.source_columns)):
+                                  batch_rows=batch_rows, columns=sorted(plan.source_columns),
+                                  storage_options=getattr(input_spec, "storage_options", None)):
             if first:
                 plan.check_columns(chunk, path)
                 first = False

@@ -1,53 +1,57 @@
-"""``mmcurate inspect OUTPUT_DIR``: totals, status and error-kind counts, a few samples."""
+"""``mmcurate inspect OUTPUT_DIR``: totals, status and error-kind counts, a few samples.
+
+OUTPUT_DIR is a local path or an fsspec URL (``s3://``, ``gs://``, ``memory://`` ...), read
+through :class:`pipeline.sinks.storage.Directory` with the ecosystem's credentials.
+"""
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from pipeline.core import schema
+from pipeline.sinks.storage import Directory
 
 
-def summarize(out_dir: str | Path, n: int = 5) -> dict[str, Any]:
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise FileNotFoundError(f"{out_dir}: no such output directory")
+def open_output(out_dir: str | Path | Directory, storage_options: Optional[dict[str, Any]] = None) -> Directory:
+    """The output directory ``out_dir`` names; FileNotFoundError naming it when there is none."""
+    directory = out_dir if isinstance(out_dir, Directory) else Directory(out_dir, storage_options)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{_shown(out_dir)}: no such output directory")
+    return directory
+
+
+def _shown(out_dir: str | Path | Directory) -> str:
+    """How a message names the directory: as the user wrote it (a URL without a trailing ``/``)."""
+    if isinstance(out_dir, Directory):
+        return out_dir.url
+    text = os.fspath(out_dir)
+    return text.rstrip("/") if "://" in text else str(Path(text))
+
+
+def summarize(out_dir: str | Path | Directory, n: int = 5,
+              storage_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    directory = open_output(out_dir, storage_options)
     statuses: Counter = Counter()
     kinds: Counter = Counter()
-    shards = sorted(out_dir.glob("[0-9]*_stats.json"))
-    for path in shards:
-        stats = json.loads(path.read_text())
+    shards = directory.names("[0-9]*_stats.json")
+    for name in shards:
+        stats = json.loads(directory.read_bytes(name))
         statuses.update(stats["status_counts"])
         kinds.update(stats["error_kinds"])
-    samples = []
-    for tar_path in sorted(out_dir.glob("[0-9]*.tar")):
-        with tarfile.open(tar_path) as tar:
-            current: dict[str, Any] = {}
-            for member in tar:
-                key, ext = member.name.split(".", 1)
-                if current and current["key"] != key:
-                    samples.append(current)
-                    current = {}
-                if len(samples) >= n:
-                    break
-                current.setdefault("key", key)
-                if ext == "json":
-                    current["json"] = json.loads(tar.extractfile(member).read())
-                elif ext == "txt":
-                    current["caption"] = tar.extractfile(member).read().decode("utf-8", "replace")
-                else:
-                    current.setdefault("files", {})[ext] = member.size
-            if current and len(samples) < n:
-                samples.append(current)
+    samples: list[dict[str, Any]] = []
+    for tar_name in directory.names("[0-9]*.tar"):
+        with directory.open(tar_name) as f:
+            _tar_samples(f, n, samples)
         if len(samples) >= n:
             break
-    manifest_path = out_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest = json.loads(directory.read_bytes("manifest.json")) if directory.exists("manifest.json") else {}
     total = sum(statuses.values())
     return {
-        "output_dir": str(out_dir),
+        "output_dir": _shown(out_dir),
         "job": manifest.get("name"),
         "job_status": manifest.get("status"),
         "shards": len(shards),
@@ -59,6 +63,28 @@ def summarize(out_dir: str | Path, n: int = 5) -> dict[str, Any]:
         "fingerprints": manifest.get("fingerprints", {}),
         "examples": samples,
     }
+
+
+def _tar_samples(f: Any, n: int, samples: list[dict[str, Any]]) -> None:
+    """Add the samples of one tar (an open binary file) to ``samples`` until it holds ``n``."""
+    with tarfile.open(fileobj=f) as tar:
+        current: dict[str, Any] = {}
+        for member in tar:
+            key, ext = member.name.split(".", 1)
+            if current and current["key"] != key:
+                samples.append(current)
+                current = {}
+            if len(samples) >= n:
+                break
+            current.setdefault("key", key)
+            if ext == "json":
+                current["json"] = json.loads(tar.extractfile(member).read())
+            elif ext == "txt":
+                current["caption"] = tar.extractfile(member).read().decode("utf-8", "replace")
+            else:
+                current.setdefault("files", {})[ext] = member.size
+        if current and len(samples) < n:
+            samples.append(current)
 
 
 def render(summary: dict[str, Any]) -> str:

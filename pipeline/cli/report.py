@@ -3,7 +3,10 @@
 Totals, statuses, error kinds, rejections per filter, time per stage, and histograms (CLIP score,
 original size, aspect ratio, caption length) drawn with matplotlib and embedded as PNG. It reads
 the per-shard sidecars (``NNNNN_stats.json``, ``NNNNN.parquet``) and ``manifest.json``, one shard
-at a time into fixed-bin histograms, so memory does not grow with the job.
+at a time into fixed-bin histograms, so memory does not grow with the job. OUTPUT_DIR is a local
+path or an fsspec URL (``s3://``, ``gs://``, ``memory://`` ...), read through
+:class:`pipeline.sinks.storage.Directory`; the page is written next to the shards unless ``--out``
+says where (a path or URL).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import base64
 import html
 import io
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.cli.inspect import open_output
 from pipeline.core import schema
+from pipeline.sinks.storage import Directory
 
 SHARD_STATS = re.compile(r"^(\d{5,})_stats\.json$")
 CLIP_COLUMN = "clip_score"
@@ -120,7 +126,7 @@ def _words(table: pa.Table) -> Optional[np.ndarray]:
 
 @dataclass
 class Summary:
-    output_dir: Path
+    output_dir: str  # a path or URL
     manifest: dict[str, Any]
     shards: int = 0
     tar_bytes: int = 0
@@ -135,30 +141,27 @@ class Summary:
         return sum(self.statuses.values())
 
 
-def summarize(output_dir: str | Path) -> Summary:
-    out = Path(output_dir)
-    if not out.is_dir():
-        raise FileNotFoundError(f"{out}: no such output directory")
-    stats_files = sorted(p for p in out.iterdir() if SHARD_STATS.match(p.name))
+def summarize(output_dir: str | Path | Directory, storage_options: Optional[dict[str, Any]] = None) -> Summary:
+    directory = open_output(output_dir, storage_options)
+    names = directory.names()
+    stats_files = [n for n in names if SHARD_STATS.match(n)]
     if not stats_files:
-        raise FileNotFoundError(f"{out}: no complete shard (no NNNNN_stats.json) to report on")
-    manifest_path = out / "manifest.json"
-    summary = Summary(out, json.loads(manifest_path.read_text()) if manifest_path.exists() else {})
-    wanted = [schema.STATUS, schema.CAPTION, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, CLIP_COLUMN]
+        raise FileNotFoundError(f"{directory.url}: no complete shard (no NNNNN_stats.json) to report on")
+    manifest = json.loads(directory.read_bytes("manifest.json")) if "manifest.json" in names else {}
+    summary = Summary(directory.url, manifest)
     h = summary.histograms
-    for path in stats_files:
-        stats = json.loads(path.read_text())
+    for name in stats_files:
+        stats = json.loads(directory.read_bytes(name))
         summary.shards += 1
         summary.tar_bytes += stats.get("tar_bytes", 0)
         summary.statuses.update(stats.get("status_counts", stats.get("counts", {})))
         summary.kinds.update(stats.get("error_kinds", {}))
         summary.filtered.update(stats.get("filtered", {}))
         summary.timings.update(stats.get("timings", {}))
-        table_path = path.with_name(path.name.replace("_stats.json", ".parquet"))
-        if not table_path.exists():
+        table_name = name.replace("_stats.json", ".parquet")
+        if table_name not in names:
             continue
-        present = set(pq.read_schema(table_path).names)
-        table = pq.read_table(table_path, columns=[c for c in wanted if c in present])
+        table = _status_table(directory, table_name)
         kept = pc.fill_null(pc.equal(table.column(schema.STATUS), schema.SUCCESS), False).to_numpy(
             zero_copy_only=False)
         width, height = _column(table, schema.ORIGINAL_WIDTH), _column(table, schema.ORIGINAL_HEIGHT)
@@ -169,6 +172,14 @@ def summarize(output_dir: str | Path) -> Summary:
                 h[name].add(values, kept)
     _mark_clip_rules(summary)
     return summary
+
+
+def _status_table(directory: Directory, name: str) -> pa.Table:
+    """The columns of one status table the report draws (those it has)."""
+    wanted = [schema.STATUS, schema.CAPTION, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, CLIP_COLUMN]
+    with directory.open(name) as f:
+        table = pq.ParquetFile(f)
+        return table.read(columns=[c for c in wanted if c in table.schema_arrow.names])
 
 
 def _mark_clip_rules(summary: Summary) -> None:
@@ -207,7 +218,7 @@ def _pct(n: int, total: int) -> str:
 
 def render(summary: Summary) -> str:
     rows, ok = summary.rows, summary.statuses.get(schema.SUCCESS, 0)
-    name = summary.manifest.get("name") or summary.output_dir.name
+    name = summary.manifest.get("name") or summary.output_dir.rstrip("/").rsplit("/", 1)[-1]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>mmcurate report: {html.escape(name)}</title>"
              f"<style>{STYLE}</style></head><body><h1>mmcurate report: {html.escape(name)}</h1>",
              f"<p class='muted'>{html.escape(str(summary.output_dir))} · status "
@@ -243,12 +254,20 @@ def render(summary: Summary) -> str:
     return "\n".join(parts)
 
 
-def write_report(output_dir: str | Path, out_path: str | Path | None = None) -> Path:
-    """Write the report (default ``OUTPUT_DIR/report.html``) and return its path."""
-    summary = summarize(output_dir)
-    path = Path(out_path) if out_path else Path(output_dir) / "report.html"
-    path.write_text(render(summary), encoding="utf-8")
-    return path
+def write_report(output_dir: str | Path | Directory, out_path: str | Path | None = None,
+                 storage_options: Optional[dict[str, Any]] = None) -> Path | str:
+    """Write the report (default ``OUTPUT_DIR/report.html``) and return where: a Path for a local
+    file, else its URL. ``storage_options`` go to the filesystem of a URL (the output directory's
+    and ``out_path``'s)."""
+    directory = open_output(output_dir, storage_options)
+    page = render(summarize(directory)).encode("utf-8")
+    if out_path is not None:
+        head, name = os.path.split(os.fspath(out_path))
+        directory = Directory(head or ".", storage_options)
+    else:
+        name = "report.html"
+    directory.write(name, page)
+    return Path(directory.local, name) if directory.local else directory.path(name)
 
 
 def _report(args: argparse.Namespace) -> int:

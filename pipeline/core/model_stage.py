@@ -10,10 +10,15 @@ from typing import Any, ClassVar, Optional
 from pipeline.core.stage import Resources, Stage
 
 
-def cuda_available() -> bool:
+def cuda_devices() -> int:
+    """The CUDA devices this process sees."""
     import torch
 
-    return torch.cuda.is_available()
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def cuda_available() -> bool:
+    return cuda_devices() > 0
 
 
 class ModelStage(Stage):
@@ -21,6 +26,7 @@ class ModelStage(Stage):
     ``self.model`` in ``process``; the model loads on first use if ``setup`` has not run."""
 
     stateful = True
+    may_use_gpus = True
     worker_state: ClassVar[tuple[str, ...]] = ("_model",)
 
     def __init__(self, config: Any) -> None:
@@ -28,11 +34,17 @@ class ModelStage(Stage):
         self._device: Optional[str] = None
         self._model: Any = None
 
+    def place(self, gpus: float) -> None:
+        """``device: auto`` means CUDA when the executor has GPUs: on a cluster, GPUs of worker
+        nodes count, though the driver's machine may have none."""
+        if self._device is None and self.config.device == "auto":
+            self._device = "cuda" if gpus > 0 else "cpu"
+
     @property
     def device(self) -> str:
-        """"cuda" or "cpu". Decided once, on first use, which is in the driver (resources are read
-        there before any worker starts), and pickled with the stage: the GPU request, the
-        fingerprint and the workers' device then always agree."""
+        """"cuda" or "cpu". Decided once in the driver (by ``place``, or on first use from this
+        machine's GPUs) and pickled with the stage: the GPU request, the fingerprint and the
+        workers' device then always agree."""
         if self._device is None:
             wanted = self.config.device
             self._device = ("cuda" if cuda_available() else "cpu") if wanted == "auto" else wanted

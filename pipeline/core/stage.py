@@ -6,6 +6,9 @@ A stage is built from its own config object (never the JobSpec: only the job bui
 and is run through these hooks, each in one place:
 
     check()          in the driver, before any shard: fail fast on what is missing (model files)
+    place(gpus)      in the driver, before resources or fingerprints are read, for stages that
+                     ``may_use_gpus``: how many GPUs the executor can give (a cluster's, which the
+                     driver's machine may lack)
     prepare(context) in the driver, once per job, when the manifest holds no state for the stage:
                      job-wide state (a percentile threshold), stored in manifest.json
     restore(state)   in the driver, on every run (resumed ones too): take that state back
@@ -22,6 +25,7 @@ and declares:
     columns          the status-table columns it adds, with their Arrow types
     ordered          True when it must see every shard once, in shard order (job-wide dedup)
     stateful         True when setup() is heavy (a model): run in long-lived workers
+    may_use_gpus     True when it may run on a GPU (then it is placed; other jobs never ask)
     worker_state     attributes that setup() makes in each worker; never pickled
 """
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Stage:
 
     name: ClassVar[str] = "stage"       # how the stage is named in stats, timings and the manifest
     stateful: ClassVar[bool] = False
+    may_use_gpus: ClassVar[bool] = False
     worker_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any = None) -> None:
@@ -72,6 +77,9 @@ class Stage:
 
     def check(self) -> None:
         """Fail early, in the driver, when something the stage needs is missing (raise ConfigError)."""
+
+    def place(self, gpus: float) -> None:
+        """Learn the GPUs the executor has (stages that may use one decide their device here)."""
 
     def setup(self) -> None:
         """Load models and open pools; called once per worker before the first batch."""

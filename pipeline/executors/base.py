@@ -140,13 +140,18 @@ class Executor(ABC):
 
     def _work(self, shards: Iterable[InputShard], stages: list[Stage], sink: Sink, on_done: OnDone) -> Iterator[Work]:
         replay = any(s.ordered for s in stages)
+        done = sink.complete_shards()
         for shard in shards:
-            if sink.is_complete(shard.shard_id):
+            if shard.shard_id in done:
                 on_done(ShardOutcome(shard.shard_id, sink.read_stats(shard.shard_id), skipped=True))
                 if replay:
                     yield Replay(shard.shard_id, partial(sink.read_status, shard.shard_id))
                 continue
             yield shard
+
+    @abstractmethod
+    def gpus(self) -> float:
+        """The GPUs this engine can give stages: this machine's, or the whole cluster's on Ray."""
 
     def attempts(self, stages: list[Stage]) -> int:
         """Tries per shard in this run: once when a stage is ordered, else 1 + shard_retries."""

@@ -13,6 +13,11 @@ from pipeline.sinks.base import Sink
 class LocalExecutor(Executor):
     name = "local"
 
+    def gpus(self) -> float:
+        from pipeline.core.model_stage import cuda_devices
+
+        return cuda_devices()
+
     def schedule(self, work: Iterator[Work], stages: list[Stage], sink: Sink, on_done: OnDone) -> None:
         for stage in stages:
             stage.setup()

@@ -1,13 +1,19 @@
 """The Ray executor: shards stream through a chain of steps on a Ray cluster.
 
 Stages are grouped into steps: consecutive light stages run together in one CPU task (the
-download and the cheap filters, so a shard's media never leave the worker between them); a
-``stateful`` stage (a model) runs in a pool of long-lived actors, each loading the model once; an
-``ordered`` stage runs on one actor fed in shard order; the write through the sink is the last
-step, a task of its own. A step is submitted as soon as the step before it is, with that step's
-result reference as its input, so Ray moves the data and starts each step when its input is
-ready; the driver only waits for the last step of each shard. A window of shards in flight gives
-backpressure and bounds memory.
+download and the cheap filters, so a shard's media never leave the worker between them), spread
+over the nodes; a ``stateful`` stage (a model) runs in a pool of long-lived actors, each loading
+the model once (GPU stages request their GPUs, fractions allowed, and land on GPU nodes); an
+``ordered`` stage runs on one actor fed in shard order, on the driver's node; the write through
+the sink is the last step, a task of its own that writes straight to the storage. A step is
+submitted as soon as the step before it is, with that step's result reference as its input, so
+Ray moves the data and starts each step when its input is ready; the driver only waits for the
+last step of each shard. A window of shards in flight gives backpressure and bounds the
+driver's memory: it holds the rows of those shards only.
+
+The cluster may change under a job: every few seconds the window and the actor pools follow its
+resources (nodes that joined). When a node dies, Ray reruns its tasks elsewhere and restarts its
+model actors on other nodes; a shard whose steps still fail is rerun from its input rows.
 
 Why Ray core tasks and actors rather than Ray Data: a shard is the unit of atomic writes,
 resume and retry, and its rows must stay together and in order (byte-identical output, ordered
@@ -20,19 +26,27 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Union
 
+from pipeline.core.config import ConfigError
 from pipeline.core.schema import Batch
 from pipeline.core.stage import Resources, Stage
 from pipeline.executors.base import (Executor, Failure, OnDone, OrderGate, Payload, Replay, ShardOutcome, Step,
                                      Work, run_stages, write_shard)
 from pipeline.executors.ray_connect import connect_ray
 from pipeline.sinks.base import Sink
+from pipeline.sinks.storage import Directory
 from pipeline.sources.shards import InputShard
 
 log = logging.getLogger("mmcurate")
+
+RESCALE_SECONDS = 5.0  # how often the window and the pools follow the cluster's resources
+QUEUED = 2             # calls waiting on every actor of a CPU pool before it gets one more actor
+RETRIES = 3            # Ray's own reruns of a task or actor call lost with its worker or node
 
 _WORKER_STAGES: dict[str, list[Stage]] = {}
 
@@ -79,14 +93,61 @@ def plan_steps(stages: list[Stage]) -> list[StepPlan]:
 class RayExecutor(Executor):
     name = "ray"
 
+    def gpus(self) -> float:
+        import ray
+
+        connect_ray(self.options.address)
+        return ray.cluster_resources().get("GPU", 0.0)
+
     def schedule(self, work: Iterator[Work], stages: list[Stage], sink: Sink, on_done: OnDone) -> None:
         connect_ray(self.options.address)
+        check_shared(sink.directory)
         flight = _Flight(plan_steps(stages), sink, on_done, self.attempts(stages),
                          self.options.max_shards_in_flight)
         try:
             flight.run(work)
         finally:
             flight.close()
+
+
+def check_shared(directory: Directory) -> None:
+    """A local output directory on a cluster of several nodes must be one that every node sees
+    (a shared mount): write tasks run anywhere, and would scatter shards over the nodes' disks."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not directory.local or len(nodes) < 2:
+        return
+    probe = f".mmcurate-probe-{uuid.uuid4().hex}"
+    directory.write(probe, b"")
+    try:
+        sees = ray.remote(_exists)
+        on = [NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in nodes]
+        refs = [sees.options(num_cpus=0, scheduling_strategy=s).remote(os.path.join(directory.local, probe))
+                for s in on]
+        ray.wait(refs, num_returns=len(refs), timeout=60)  # a node dying now must not hold the job
+        seen = [_answer(ref) for ref in refs]
+    finally:
+        directory.remove(probe)
+    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if ok is False]
+    if blind:
+        raise ConfigError(f"output.dir: {directory.local!r} is a local path that node(s) {', '.join(blind)} do "
+                          "not see; on a cluster use a shared mount or an object store URL (s3://bucket/prefix)")
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def _answer(ref: Any) -> Union[bool, None]:
+    """A probe's answer; None when its node went away or did not answer in time."""
+    import ray
+
+    try:
+        return ray.get(ref, timeout=0)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+        return None
 
 
 class _Flight:
@@ -97,30 +158,56 @@ class _Flight:
         import ray
 
         self.steps, self.sink, self.on_done, self.attempts = steps, sink, on_done, attempts
-        cpus = ray.cluster_resources().get("CPU", 2)
-        task_cpus = max(max((s.resources.cpus for p in steps if p.kind == "task" for s in p.stages), default=1), 0.5)
-        self._start_actors(task_cpus, cpus)
-        self.task = ray.remote(_task_step).options(num_cpus=task_cpus, max_retries=1)
-        self.writer = ray.remote(write_shard).options(num_cpus=0, max_retries=3)
+        self.task_cpus = max(max((s.resources.cpus for p in steps if p.kind == "task" for s in p.stages), default=1),
+                             0.5)
+        self.task = ray.remote(_task_step).options(num_cpus=self.task_cpus, max_retries=RETRIES,
+                                                   scheduling_strategy="SPREAD")
+        self.writer = ray.remote(write_shard).options(num_cpus=0, max_retries=RETRIES)
         self.token = uuid.uuid4().hex  # tells one run's task stages from another's in a reused worker
-        self.window = window or max(2, int(2 * cpus // task_cpus))
+        self.fixed_window = window
+        self.window = 0
         self.gates = {n: OrderGate() for n, p in enumerate(steps) if p.kind == "ordered"}
         self.pending: dict[Any, tuple[InputShard, int, int]] = {}  # ref -> (shard, step index, attempt)
         self.busy: collections.Counter = collections.Counter()     # actor -> calls in flight
         self.owner: dict[Any, Any] = {}                             # ref -> the actor computing it
         self.in_flight = 0
+        self.sizing = _Sizing([p.stages[0].resources for p in steps if p.kind != "task"], self.task_cpus,
+                              ray.cluster_resources().get("CPU", 1.0))
+        self.rescaled = 0.0
+        self._rescale()
 
     # -- actors ----------------------------------------------------------------------------------
-    def _start_actors(self, task_cpus: float, cpus: float) -> None:
+    def _new_actor(self, plan: StepPlan) -> Any:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        res = self.sizing.request(plan.stages[0].resources)
+        options: dict[str, Any] = dict(num_cpus=res.cpus, num_gpus=res.gpus)
+        if plan.kind == "ordered":
+            # job-wide state (seen hashes) must outlive any worker node; a restart would lose it
+            node = ray.get_runtime_context().get_node_id()
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+        else:
+            options.update(max_restarts=RETRIES, max_task_retries=RETRIES)
+        return ray.remote(_StageActor).options(**options).remote(plan.stages[0])
+
+    def _rescale(self) -> None:
+        """Follow the cluster's resources: the window with its CPUs, each model pool with its GPUs
+        (GPU stages) or with its queue (CPU stages, while CPUs are left for a download task)."""
         import ray
 
-        pools = [(p, 1 if p.kind == "ordered" else _pool_size(p.stages[0].resources))
-                 for p in self.steps if p.kind != "task"]
-        scale = _actor_cpu_scale([(p.stages[0].resources, count) for p, count in pools], task_cpus, cpus)
-        for plan, count in pools:
-            res = plan.stages[0].resources
-            cls = ray.remote(num_cpus=res.cpus * scale, num_gpus=res.gpus)(_StageActor)
-            plan.actors = [cls.remote(plan.stages[0]) for _ in range(count)]
+        self.rescaled = time.monotonic()
+        total = ray.cluster_resources()
+        self.window = max(self.window, self.fixed_window or max(2, int(2 * total.get("CPU", 1.0) // self.task_cpus)))
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        for plan in self.steps:
+            if plan.kind == "task":
+                continue
+            want = 1 if plan.kind == "ordered" else self.sizing.pool(
+                plan.stages[0].resources, len(plan.actors), [self.busy[a] for a in plan.actors], total, nodes,
+                ray.available_resources())
+            while len(plan.actors) < want:
+                plan.actors.append(self._new_actor(plan))
 
     def close(self) -> None:
         import ray
@@ -145,7 +232,12 @@ class _Flight:
                 if exhausted:
                     return
                 continue
-            [ref], _ = ray.wait(list(self.pending), num_returns=1)
+            done, _ = ray.wait(list(self.pending), num_returns=1, timeout=RESCALE_SECONDS)
+            if time.monotonic() - self.rescaled >= RESCALE_SECONDS:
+                self._rescale()
+            if not done:
+                continue
+            ref = done[0]
             shard, n, attempt = self.pending.pop(ref)
             actor = self.owner.pop(ref, None)
             if actor is not None:
@@ -211,22 +303,55 @@ class _Flight:
             self.on_done(ShardOutcome(shard.shard_id, result))
 
 
-def _actor_cpu_scale(pools: list[tuple[Resources, int]], task_cpus: float, cpus: float) -> float:
-    """Long-lived actors must leave room for at least one download task, or nothing would run
-    (on a small machine, three model actors of 1 CPU each would hold every CPU forever). Their
-    CPU requests shrink to fit; Ray does not cap the CPU a process really uses."""
-    wanted = sum(res.cpus * count for res, count in pools)
-    room = max(cpus - task_cpus, 0.0)
-    if wanted <= room:
-        return 1.0
-    log.warning("model and ordered stages ask for %.1f CPUs; %.1f are left after one download task: "
-                "their CPU requests are scaled down to fit", wanted, room)
-    return room / wanted
+class _Sizing:
+    """How big the actor pools are and what each actor asks for, so that everything can be placed.
 
+    * CPU: long-lived actors must leave room for at least one download task, or nothing would run
+      (on a small machine, three model actors of 1 CPU each would hold every CPU forever); their
+      CPU requests shrink to fit. Ray does not cap the CPU a process really uses.
+    * GPU: the GPU stages' actors come in sets, one actor of each; a set must fit on one node (its
+      requests shrink to fit the largest node otherwise), and each pool has one actor per set that
+      the nodes hold, so no actor waits for a GPU that another pool took.
+    """
 
-def _pool_size(res: Resources) -> int:
-    import ray
+    def __init__(self, pools: list[Resources], task_cpus: float, cpus: float) -> None:
+        self.task_cpus = task_cpus
+        wanted = sum(r.cpus for r in pools)
+        room = max(cpus - task_cpus, 0.0)
+        self.cpu_scale = 1.0 if wanted <= room else room / wanted
+        if self.cpu_scale < 1:
+            log.warning("model and ordered stages ask for %.1f CPUs; %.1f are left after one download task: "
+                        "their CPU requests are scaled down to fit", wanted, room)
+        self.gpu_set = sum(r.gpus for r in pools)
+        self.gpu_scale = 1.0
+        self.held_cpus = 0.0
 
-    if res.gpus > 0:
-        return max(1, int(ray.cluster_resources().get("GPU", 0) // res.gpus))
-    return 1  # a CPU model worker; the CPUs are better spent on download tasks
+    def request(self, res: Resources) -> Resources:
+        """What one actor of a stage asks Ray for (and counts it as held)."""
+        got = Resources(cpus=res.cpus * self.cpu_scale, gpus=res.gpus * self.gpu_scale)
+        self.held_cpus += got.cpus
+        return got
+
+    def pool(self, res: Resources, size: int, busy: list[int], total: dict, nodes: list[dict],
+             free: dict) -> int:
+        """How many actors a stage's pool should have now."""
+        if res.gpus > 0:
+            return max(size, 1, self._gpu_sets(nodes))
+        if size == 0:
+            return 1
+        cpus = res.cpus * self.cpu_scale
+        queued = all(b >= QUEUED for b in busy)
+        room = total.get("CPU", 0.0) - self.held_cpus - cpus >= self.task_cpus and free.get("CPU", 0.0) >= cpus
+        return size + 1 if queued and room else size
+
+    def _gpu_sets(self, nodes: list[dict]) -> int:
+        largest = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+        if largest <= 0:
+            log.warning("GPU stages wait for a node with GPUs: the cluster has none now")
+            return 1
+        if self.gpu_set * self.gpu_scale > largest:
+            self.gpu_scale = largest / self.gpu_set
+            log.warning("GPU stages ask for %.2f GPUs together; the largest node has %.2f: their GPU requests "
+                        "are scaled down to fit", self.gpu_set, largest)
+        per_set = self.gpu_set * self.gpu_scale
+        return sum(int(n.get("GPU", 0.0) / per_set + 1e-9) for n in nodes)

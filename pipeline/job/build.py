@@ -19,7 +19,8 @@ from pipeline.job.spec import DownloadSpec, JobSpec
 from pipeline.media.resize import ResizeConfig
 from pipeline.media.video import CutConfig
 from pipeline.sinks import Directory, WebDatasetSink
-from pipeline.sources.formats import count_rows, expand_files
+from pipeline.sources.formats import count_rows
+from pipeline.sources.locations import expand_files
 from pipeline.sources.shards import InputShard, plan_shards, table_chunks
 
 DEFAULT_NUM_FRAMES = 8  # frames sampled per clip when neither num_frames nor frames_fps is set
@@ -29,13 +30,17 @@ DEFAULT_NUM_FRAMES = 8  # frames sampled per clip when neither num_frames nor fr
 def input_chunks(spec: JobSpec) -> Iterator[dict[str, list]]:
     """Column chunks with normalised names (url, caption, spans, extra columns), before validation:
     through the catalog card's reader, or straight from plain URL files."""
-    files = expand_files(spec.input.files)
-    if spec.input.catalog:
-        from catalogs import load_card
-        from catalogs.readers import read_rows
+    options = spec.input.storage_options
+    if not spec.input.catalog:
+        return table_chunks(expand_files(spec.input.files, options), spec.input)
+    from catalogs import load_card
+    from catalogs.readers import read_rows
 
-        return read_rows(load_card(spec.input.catalog), files, spec.input)
-    return table_chunks(files, spec.input)
+    # Globs and URL folders are expanded here; local folders and hf:// entries are the card's to
+    # resolve (its file patterns in a local copy, the Hub's cache when offline).
+    files = [f for e in spec.input.files
+             for f in ([e] if e.startswith("hf://") else expand_files([e], options, folders="://" in e))]
+    return read_rows(load_card(spec.input.catalog), files, spec.input)
 
 
 def input_shards(spec: JobSpec) -> Iterator[InputShard]:
@@ -46,7 +51,8 @@ def input_rows(spec: JobSpec) -> Optional[int]:
     """Input rows, when cheap to know (parquet footers, no catalog reshaping); else None."""
     if spec.input.catalog:
         return None
-    total = count_rows(spec.input.files, spec.input.format)
+    options = spec.input.storage_options
+    total = count_rows(expand_files(spec.input.files, options), spec.input.format, options)
     return total if total is None or spec.input.limit is None else min(total, spec.input.limit)
 
 
@@ -120,7 +126,7 @@ def column_types(stages: list[Stage]) -> dict[str, str]:
 
 
 def build_sink(spec: JobSpec, stages: list[Stage]) -> WebDatasetSink:
-    return WebDatasetSink(Directory(spec.output.dir), column_types(stages), spec.name)
+    return WebDatasetSink(Directory(spec.output.dir, spec.output.storage_options), column_types(stages), spec.name)
 
 
 def build_executor(spec: JobSpec) -> Executor:

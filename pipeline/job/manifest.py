@@ -33,6 +33,13 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def recorded(job: dict[str, Any]) -> dict[str, Any]:
+    """The job spec as the manifest keeps it: without storage options, which hold credentials and
+    may change between runs (a rotated key) without changing what is written."""
+    return {k: {f: v for f, v in section.items() if f != "storage_options"} if isinstance(section, dict) else section
+            for k, section in job.items()}
+
+
 def stage_keys(stages: list[Stage]) -> list[str]:
     """Unique names for stages (a repeated name gets #2, #3, ...): their keys in the manifest."""
     seen: Counter = Counter()
@@ -54,7 +61,7 @@ def load(directory: Directory, job: dict[str, Any]) -> dict[str, Any]:
     if before.get("output", {}).get("samples_per_shard") != job["output"]["samples_per_shard"]:
         changed.append("output.samples_per_shard")
     if changed:
-        raise ConfigError(f"{directory.root} holds a job run with different {', '.join(changed)}; resuming "
+        raise ConfigError(f"{directory} holds a job run with different {', '.join(changed)}; resuming "
                           f"would mix outputs. Use another output.dir, or delete this one to start over.")
     return manifest
 

@@ -10,7 +10,6 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from pipeline.core import schema
@@ -29,7 +28,7 @@ log = logging.getLogger("mmcurate")
 
 @dataclass
 class JobResult:
-    out_dir: Path
+    out_dir: str  # the output directory's path or URL
     shards_total: int = 0
     shards_skipped: int = 0
     shards_written: int = 0
@@ -55,11 +54,16 @@ class Job:
     def run(self) -> JobResult:
         start = time.perf_counter()
         stages = build_stages(self.spec)
+        executor = build_executor(self.spec)
+        if any(s.may_use_gpus for s in stages):
+            gpus = executor.gpus()  # on Ray: joins the cluster, whose GPUs decide devices set to auto
+            for stage in stages:
+                stage.place(gpus)
         sink = build_sink(self.spec, stages)
         removed = sink.open()
         if removed:
             log.info("removed %d partial files left by an interrupted run", removed)
-        directory, job = sink.directory, self.spec.to_dict()
+        directory, job = sink.directory, manifests.recorded(self.spec.to_dict())
         manifest = manifests.load(directory, job)
         manifest.update(name=self.spec.name, job=job, versions=manifests.versions(),
                         status="running", started=manifest.get("started", manifests.now()))
@@ -68,7 +72,7 @@ class Job:
         manifests.write(directory, manifest)
         self._prepare(stages, manifest, directory)
 
-        result = JobResult(directory.root)
+        result = JobResult(directory.url)
         total_rows = input_rows(self.spec)
         total_shards = None if total_rows is None else -(-total_rows // self.spec.output.samples_per_shard)
         progress = Progress(total_shards, enabled=self.show_progress)
@@ -92,7 +96,7 @@ class Job:
                 progress.fail()
 
         try:
-            build_executor(self.spec).run(counted(input_shards(self.spec)), stages, sink, on_done)
+            executor.run(counted(input_shards(self.spec)), stages, sink, on_done)
         finally:
             progress.close()
         index = sink.finish()

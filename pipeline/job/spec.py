@@ -35,6 +35,7 @@ class InputSpec:
     caption_col: Optional[str] = "caption"
     save_additional_columns: list[str] = field(default_factory=list)
     limit: Optional[int] = None
+    storage_options: dict[str, Any] = field(default_factory=dict)  # for fsspec URLs (endpoint, key, ...)
 
     def validate(self) -> None:
         if not self.files:
@@ -123,8 +124,9 @@ class VideoSpec:
 
 @dataclass
 class OutputSpec:
-    dir: str = "out/job"
+    dir: str = "out/job"               # a local path (a shared mount on a cluster) or an fsspec URL
     samples_per_shard: int = 10_000
+    storage_options: dict[str, Any] = field(default_factory=dict)  # for fsspec URLs (endpoint, key, ...)
 
     def validate(self) -> None:
         if self.samples_per_shard <= 0:
@@ -134,7 +136,8 @@ class OutputSpec:
 @dataclass
 class ExecutionSpec:
     engine: Engine = "ray"
-    address: Optional[str] = None      # null: start a local Ray on 127.0.0.1; "auto" or ray://... joins
+    address: Optional[str] = None      # null: RAY_ADDRESS's cluster, else a local Ray; "local"; "auto",
+                                       # host:port or ray://host:port join a cluster
     cpus_per_task: int = 1             # CPUs each download task uses for decode/resize
     max_shards_in_flight: Optional[int] = None  # backpressure window; default 2x the CPU task slots
     shard_retries: int = 1             # times a shard whose task crashed is tried again in this run
@@ -155,6 +158,11 @@ class JobSpec:
     tokenize: dict[str, Any] = field(default_factory=dict)        # {text: {...}, image: {...}}
     output: OutputSpec = field(default_factory=OutputSpec)
     execution: ExecutionSpec = field(default_factory=ExecutionSpec)
+
+    def validate(self) -> None:
+        if self.output.dir.startswith("memory://") and self.execution.engine != "local":
+            raise ConfigError(f"output.dir: {self.output.dir!r} lives in one process's memory, which "
+                              f"{self.execution.engine!r} workers do not share; use execution.engine: local")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

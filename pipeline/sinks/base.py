@@ -2,9 +2,10 @@
 executors write shards without knowing the format or the storage, and the job asks the sink
 which shards are already done.
 
-    open()                      before the first shard: prepare the destination, sweep what a
-                                killed run left half-written
-    is_complete(shard_id)       a shard whose record is committed is never redone
+    open()                      in the driver, before the first shard: prepare the destination,
+                                sweep what a killed run left half-written
+    complete_shards()           the ids of the shards whose record is committed, read from storage
+                                (one listing): they are never redone
     write(shard_id, batch, stats) -> stats
                                 commit one settled shard (see ``schema.settle``); its stats are
                                 written last and are the commit marker; returns them as written
@@ -12,8 +13,8 @@ which shards are already done.
     read_status(shard_id)       the status table of a complete shard (ordered stages replay it)
     finish() -> index           after the last shard: whatever spans shards (the shard index)
 
-A sink is pickled to the workers that write (on Ray, write tasks), so it holds only its
-configuration, never open files.
+A sink is pickled to the workers that write (on Ray, write tasks, which write straight to the
+storage), so it holds only its configuration, never open files.
 """
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ class Sink(ABC):
         return self.directory.remove_temporaries()
 
     @abstractmethod
-    def is_complete(self, shard_id: int) -> bool: ...
+    def complete_shards(self) -> set[int]: ...
+
+    def is_complete(self, shard_id: int) -> bool:
+        return shard_id in self.complete_shards()
 
     @abstractmethod
     def write(self, shard_id: int, batch: Batch, stats: dict[str, Any]) -> dict[str, Any]: ...

@@ -2,16 +2,18 @@
 (one status row per input row) and ``NNNNN_stats.json`` (counts and timings), and across shards
 ``index.json`` (a wids shard index, for exact epochs).
 
-Every file is written atomically (:class:`pipeline.sinks.storage.Directory`); the stats file is
-written last and marks the shard complete. Tars are deterministic (fixed mtime, owner and member
-order), so a rerun gives the same bytes.
+Every file is committed whole (:class:`pipeline.sinks.storage.Directory`: a rename on disk, one
+upload on an object store); the stats file is committed last and marks the shard complete, so a
+shard's files without its stats are the leftovers of an interrupted write: ignored by the index,
+swept by the next run. Tars are deterministic (fixed mtime, owner and member order), so a rerun
+gives the same bytes.
 """
 from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
-from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 import numpy as np
@@ -24,6 +26,7 @@ from pipeline.sinks.base import Sink
 from pipeline.sinks.storage import Directory
 
 INDEX = "index.json"
+SHARD_FILE = re.compile(r"^(\d{5,})(\.tar|\.parquet|_stats\.json)$")
 
 
 def shard_name(shard_id: int) -> str:
@@ -43,9 +46,26 @@ class WebDatasetSink(Sink):
         self.column_types = dict(column_types)
         self.name = name
 
-    def is_complete(self, shard_id: int) -> bool:
-        name = shard_name(shard_id)
-        return all(self.directory.exists(f) for f in (f"{name}.tar", f"{name}.parquet", stats_name(shard_id)))
+    def open(self) -> int:
+        """Also sweeps the files of shards whose write was interrupted before their stats."""
+        removed = super().open()
+        names = set(self.directory.names("[0-9]*"))
+        done = self._complete(names)
+        for name in sorted(names):
+            shard = SHARD_FILE.match(name)
+            if shard and int(shard.group(1)) not in done:
+                self.directory.remove(name)
+                removed += 1
+        return removed
+
+    def complete_shards(self) -> set[int]:
+        return self._complete(set(self.directory.names("[0-9]*")))
+
+    @staticmethod
+    def _complete(names: set[str]) -> set[int]:
+        """Shards whose stats are committed (with their tar and status table, committed before)."""
+        return {int(m.group(1)) for n in names if (m := SHARD_FILE.match(n)) and m.group(2) == "_stats.json"
+                and f"{m.group(1)}.tar" in names and f"{m.group(1)}.parquet" in names}
 
     def write(self, shard_id: int, batch: Batch, stats: dict[str, Any]) -> dict[str, Any]:
         cols = scalar_columns(batch)
@@ -65,16 +85,15 @@ class WebDatasetSink(Sink):
         return json.loads(self.directory.read_bytes(stats_name(shard_id)))
 
     def read_status(self, shard_id: int) -> Batch:
-        return pq.read_table(self.directory.path(f"{shard_name(shard_id)}.parquet")).to_pydict()
+        with self.directory.open(f"{shard_name(shard_id)}.parquet") as f:
+            return pq.read_table(f).to_pydict()
 
     def finish(self) -> dict[str, Any]:
         """Write ``index.json``: the complete shards in shard order, with their sample counts."""
         shardlist = []
-        for stats_file in self.directory.names("[0-9]*_stats.json"):
-            tar = f"{stats_file.split('_')[0]}.tar"
-            if not self.directory.exists(tar):
-                continue
-            stats = json.loads(self.directory.read_bytes(stats_file))
+        for shard_id in sorted(self.complete_shards()):
+            tar = f"{shard_name(shard_id)}.tar"
+            stats = self.read_stats(shard_id)
             shardlist.append({"url": tar, "nsamples": stats["successes"], "filesize": self.directory.size(tar)})
         index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": self.name, "shardlist": shardlist}
         self.directory.write(INDEX, json.dumps(index, indent=1).encode())
@@ -146,11 +165,14 @@ def status_table(batch: Batch, column_types: dict[str, str]) -> pa.Table:
 
 
 # -- reading an output directory -----------------------------------------------------------------
-def read_status_tables(out_dir: Union[str, Path], columns: Optional[list[str]] = None) -> pa.Table:
-    """Every shard's status table as one table. A shard where no row reached a stage lacks that
-    stage's columns; they are filled with nulls."""
+def read_status_tables(out_dir: Union[str, Directory], columns: Optional[list[str]] = None) -> pa.Table:
+    """Every shard's status table as one table (``out_dir``: a path or URL). A shard where no row
+    reached a stage lacks that stage's columns; they are filled with nulls."""
+    directory = out_dir if isinstance(out_dir, Directory) else Directory(out_dir)
     tables = []
-    for path in sorted(Path(out_dir).glob("[0-9]*.parquet")):
-        present = pq.read_schema(path).names
-        tables.append(pq.read_table(path, columns=[c for c in columns if c in present] if columns else None))
+    for name in directory.names("[0-9]*.parquet"):
+        with directory.open(name) as f:
+            present = pq.read_schema(f).names
+            f.seek(0)
+            tables.append(pq.read_table(f, columns=[c for c in columns if c in present] if columns else None))
     return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})

@@ -1,13 +1,16 @@
 """Read tabular files as streams of column chunks: parquet, csv, tsv, jsonl and txt, optionally
 gzip'd, local or behind an fsspec URL, never whole in memory.
 
+Which files ``input.files`` names is :mod:`pipeline.sources.locations`' business;
+``input.storage_options`` reach every filesystem that opens a URL, next to the ecosystem's own
+credentials (``AWS_*`` variables, ...).
+
 ``iter_records`` streams ``{column: [values]}`` chunks from one file; strings that are not valid
 UTF-8 come back as bytes, so the shard planner can flag them instead of failing on them.
 """
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import json
 from typing import Any, Iterator, Optional
@@ -15,32 +18,29 @@ from typing import Any, Iterator, Optional
 import fsspec
 
 from pipeline.core.config import ConfigError
+from pipeline.core.location import is_remote
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
 INVALID = "_invalid"  # the one column of a row that could not be parsed: why
 
 
+SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
+            ".ndjson": "jsonl", ".txt": "txt"}
+
+
 def detect_format(path: str) -> str:
     name = path.lower().removesuffix(".gz").removesuffix(".gzip")
-    for suffix, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"),
-                        (".json", "jsonl"), (".ndjson", "jsonl"), (".txt", "txt")):
+    for suffix, fmt in SUFFIXES.items():
         if name.endswith(suffix):
             return fmt
     raise ConfigError(f"input.files: cannot tell the format of {path!r}; set input.format to one of {FORMATS}")
 
 
-def expand_files(files: list[str]) -> list[str]:
-    """Expand local globs (sorted, so shards are stable); URLs and plain paths pass through."""
-    out: list[str] = []
-    for f in files:
-        if "://" not in f and any(c in f for c in "*?["):
-            matches = sorted(glob.glob(f))
-            if not matches:
-                raise ConfigError(f"input.files: {f!r} matches no file")
-            out.extend(matches)
-        else:
-            out.append(f)
-    return out
+def open_input(path: str, storage_options: Optional[dict[str, Any]] = None) -> Any:
+    """``path`` (a local path or fsspec URL) opened for binary reading, decompressed by its suffix.
+    ``storage_options`` go to the filesystem of a remote URL as they are (local files take none)."""
+    options = dict(storage_options or {}) if is_remote(path) else {}
+    return fsspec.open(path, "rb", compression="infer", **options)
 
 
 def undecodable_to_bytes(value: Any) -> Any:
@@ -115,15 +115,17 @@ def _txt_rows(f, names: Optional[list[str]]) -> Iterator[dict]:
 
 def iter_records(path: str, fmt: Optional[str] = None, *, header: bool = True, names: Optional[list[str]] = None,
                  delimiter: Optional[str] = None, batch_rows: int = 8192,
-                 columns: Optional[list[str]] = None) -> Iterator[dict[str, list]]:
-    """Stream column chunks (``{name: [values]}``) of at most ``batch_rows`` rows from one file.
+                 columns: Optional[list[str]] = None,
+                 storage_options: Optional[dict[str, Any]] = None) -> Iterator[dict[str, list]]:
+    """Stream column chunks (``{name: [values]}``) of at most ``batch_rows`` rows from one file
+    (a local path or fsspec URL; ``storage_options`` as :func:`open_input` takes them).
 
     Strings come as ``str``, or ``bytes`` when they are not valid UTF-8; JSON values keep their
     types. ``columns`` restricts parquet reads to those columns. A JSONL line that does not parse
     yields a row with only ``INVALID`` set (it becomes an ``invalid_input`` failure).
     """
     fmt = fmt or detect_format(path)
-    with fsspec.open(path, "rb", compression="infer") as f:
+    with open_input(path, storage_options) as f:
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
@@ -143,16 +145,18 @@ def iter_records(path: str, fmt: Optional[str] = None, *, header: bool = True, n
         yield from _chunks(rows, batch_rows)
 
 
-def count_rows(files: list[str], fmt: Optional[str] = None) -> Optional[int]:
-    """Rows in ``files`` when cheap to know (parquet footers); else None."""
+def count_rows(files: list[str], fmt: Optional[str] = None,
+               storage_options: Optional[dict[str, Any]] = None) -> Optional[int]:
+    """Rows in ``files`` (expanded: see ``locations.expand_files``) when cheap to know (parquet
+    footers); else None."""
     total = 0
     try:
         import pyarrow.parquet as pq
 
-        for path in expand_files(files):
+        for path in files:
             if (fmt or detect_format(path)) != "parquet":
                 return None
-            with fsspec.open(path, "rb", compression="infer") as f:
+            with open_input(path, storage_options) as f:
                 total += pq.ParquetFile(f).metadata.num_rows
     except (OSError, ConfigError):
         return None

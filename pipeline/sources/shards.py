@@ -12,7 +12,7 @@ from typing import Any, Iterable, Iterator, Optional
 from pipeline.core import schema
 from pipeline.core.config import ConfigError
 from pipeline.core.schema import Batch, ErrorKind
-from pipeline.sources.formats import INVALID, detect_format, expand_files, iter_records
+from pipeline.sources.formats import INVALID, detect_format, iter_records
 
 
 @dataclass
@@ -27,13 +27,15 @@ class InputShard:
 
 
 def table_chunks(files: list[str], input_spec: Any) -> Iterator[dict[str, list]]:
-    """Column chunks of plain URL files with normalised names (url, caption, extra columns), before
-    validation; ``input_spec`` (the job's input section) names the columns and the format."""
+    """Column chunks of plain URL files (each one file: ``expand_files`` has expanded globs and
+    folders) with normalised names (url, caption, extra columns), before validation;
+    ``input_spec`` (the job's input section) names the columns, the format and the storage options."""
     inp = input_spec
     wanted = [inp.url_col] + ([inp.caption_col] if inp.caption_col else []) + list(inp.save_additional_columns)
-    for path in expand_files(files):
+    options = getattr(inp, "storage_options", None)
+    for path in files:
         fmt = inp.format or detect_format(path)
-        for chunk in iter_records(path, fmt, columns=wanted):
+        for chunk in iter_records(path, fmt, columns=wanted, storage_options=options):
             for key, col in (("url_col", inp.url_col), ("caption_col", inp.caption_col)):
                 if col and col not in chunk and INVALID not in chunk and (key == "url_col" or fmt != "txt"):
                     hint = "; set input.caption_col: null for files without captions" if key == "caption_col" else ""

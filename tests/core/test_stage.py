@@ -51,6 +51,19 @@ def test_model_stage_decides_the_device_once_and_asks_for_gpus_only_on_cuda(monk
     assert Doubler(ModelConfig(device="cpu")).resources.gpus == 0
 
 
+def test_auto_device_follows_the_executors_gpus_not_the_drivers(monkeypatch):
+    monkeypatch.setattr(model_stage, "cuda_available", lambda: False)  # a CPU-only head node
+    on_cluster = Doubler(ModelConfig())
+    on_cluster.place(2.0)  # ...of a cluster with GPU workers
+    assert on_cluster.device == "cuda" and on_cluster.resources.gpus == 0.5
+    no_gpus = Doubler(ModelConfig())
+    no_gpus.place(0.0)
+    assert no_gpus.device == "cpu" and no_gpus.resources.gpus == 0
+    forced = Doubler(ModelConfig(device="cpu"))
+    forced.place(8.0)
+    assert forced.device == "cpu"
+
+
 def test_model_loads_once_per_worker_and_does_not_travel():
     Doubler.loads = 0
     stage = Doubler(ModelConfig(device="cpu"))

@@ -211,3 +211,55 @@ def test_retries_in_the_run_but_never_with_an_ordered_stage(tmp_path):
     flaky = Flaky({1}, fails=1)
     _, got = outcomes(LocalExecutor(ordered.execution), ordered, [flaky, SeenBefore()])
     assert not got[1].ok and flaky.calls[1] == 1
+
+
+def test_ray_reads_the_input_only_as_fast_as_shards_finish(tmp_path, ray_cluster):
+    """The driver holds the rows of the shards in flight only, whatever the input's size."""
+    spec = make_spec(tmp_path, "window", engine="ray", address=ray_cluster.address, max_shards_in_flight=3)
+    finished, ahead = [], []
+
+    def shards():
+        for shard in input_shards(spec):
+            ahead.append(shard.shard_id + 1 - len(finished))  # read, and not yet reported
+            yield shard
+
+    sink = build_sink(spec, [FakeDownload()])
+    sink.open()
+    RayExecutor(spec.execution).run(shards(), [FakeDownload(), SetupCounter()], sink, finished.append)
+    assert sorted(o.shard_id for o in finished) == list(range(8)) and all(o.ok for o in finished)
+    assert max(ahead) <= 3
+
+
+class WhereAmI(Stage):
+    """A 'GPU model': records the node and process it ran in and the GPUs Ray gave it."""
+    name = "where"
+    stateful = True
+
+    @property
+    def resources(self):
+        return Resources(cpus=0.1, gpus=0.5)
+
+    def process(self, batch):
+        import ray
+
+        idx = schema.alive(batch)
+        context = ray.get_runtime_context()
+        for column, value in (("node", context.get_node_id()), ("pid", os.getpid()),
+                              ("gpu_ids", ",".join(str(g) for g in ray.get_gpu_ids()))):
+            schema.set_column(batch, column, idx, [value] * len(idx))
+        return batch
+
+
+def test_gpu_stages_land_on_the_gpu_node_packed_by_their_fraction(tmp_path, ray_cluster):
+    """A node that declares one GPU (Ray accounts GPUs as resources, CUDA or not) joins the
+    cluster; the stage's actors, half a GPU each, all run there: two of them on the one GPU."""
+    gpu_node = ray_cluster.add_node(num_cpus=1, num_gpus=1, resources={"gpu_node": 1})
+    try:
+        spec = make_spec(tmp_path, "gpu", engine="ray", address=ray_cluster.address)
+        run(RayExecutor(spec.execution), spec, [FakeDownload(), WhereAmI()])
+        rows = [r for t in tables(tmp_path / "gpu", drop=()).values()
+                for r in zip(t["node"], t["pid"], t["gpu_ids"]) if r[0] is not None]
+    finally:
+        ray_cluster.stop_node(gpu_node)
+    assert len(rows) == 60 and {node for node, _, _ in rows} == {gpu_node.node_id}
+    assert len({pid for _, pid, _ in rows}) == 2 and {gpus for _, _, gpus in rows} == {"0"}

@@ -1,7 +1,10 @@
-"""What the end-to-end job tests share: a job's tars, its status tables, and the SIGKILL-then-rerun
-check that a killed `mmcurate run` leaves only final shards and, rerun, writes the same bytes."""
+"""What the end-to-end job tests share: an image server and a job file over it, a job's tars, its
+status tables, and the SIGKILL-then-rerun check that a killed `mmcurate run` leaves only final
+shards and, rerun, writes the same bytes."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 import signal
@@ -9,13 +12,60 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterator, Optional
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
+from PIL import Image
+
+from pipeline.sinks import Directory
+from pipeline.testing.serve import LocalServer
+
+N = 60  # the image server's URLs
 
 
-def tars(out_dir: Path) -> dict[str, bytes]:
-    """``{name: bytes}`` of every tar in an output directory."""
-    return {p.name: p.read_bytes() for p in sorted(out_dir.glob("*.tar"))}
+def jpeg(i: int) -> bytes:
+    rng = random.Random(i)
+    img = Image.new("RGB", (rng.randint(80, 300), rng.randint(80, 300)), (rng.randrange(256), 40, 200))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def image_server(latency: Optional[Callable[[], float]] = None) -> Iterator[LocalServer]:
+    """N images on 127.0.0.1 with a little latency (or ``latency()`` seconds); every 10th+3 is
+    a dead link."""
+    files = {f"{i}.jpg": jpeg(i) for i in range(N) if i % 10 != 3}
+    rng = random.Random(0)
+    with LocalServer(files, latency=latency or (lambda: rng.uniform(0.005, 0.03))) as srv:
+        yield srv
+
+
+def job_file(tmp_path: Path, server: LocalServer, name: str = "job", rows: int = N, **overrides) -> Path:
+    """A job over ``rows`` of the image server's URLs (they repeat after N): 48 px, 8 rows per
+    shard, local engine, into ``tmp_path/name``; ``section__field=value`` overrides a setting."""
+    urls = tmp_path / f"urls{rows}.parquet"
+    if not urls.exists():
+        pq.write_table(pa.table({"url": [server.url(f"{i % N}.jpg") for i in range(rows)],
+                                 "caption": [f"picture number {i}" for i in range(rows)]}), urls)
+    data = {"name": name, "input": {"files": [str(urls)]},
+            "download": {"image_size": 48, "allow_private_addresses": True, "timeout": 5, "concurrency": 4},
+            "output": {"dir": str(tmp_path / name), "samples_per_shard": 8},
+            "execution": {"engine": "local", "progress": False}}
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        data.setdefault(section, {})[field] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def tars(out_dir) -> dict[str, bytes]:
+    """``{name: bytes}`` of every tar in an output directory (a path or a URL)."""
+    directory = Directory(out_dir)
+    return {name: directory.read_bytes(name) for name in directory.names("*.tar")}
 
 
 def status_tables(out_dir: Path) -> list[dict]:
@@ -23,7 +73,7 @@ def status_tables(out_dir: Path) -> list[dict]:
     return [pq.read_table(p).drop(["error_message"]).to_pydict() for p in sorted(out_dir.glob("*.parquet"))]
 
 
-def kill_then_rerun(job_file: Path, out: Path, reference: Path, *, attempts: int, seed: int,
+def kill_then_rerun(job_file: Path, out, reference: Path, *, attempts: int, seed: int,
                     pause: tuple[float, float]) -> None:
     """Start ``mmcurate run job_file`` up to ``attempts`` times, each killed with SIGKILL after a
     pause drawn (seeded) from ``pause``; after each kill, whatever is under a final name in ``out``

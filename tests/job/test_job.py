@@ -1,66 +1,17 @@
 """End to end: a real server on 127.0.0.1, real shards, resume after a real SIGKILL, Ray on two nodes."""
 import io
 import json
-import random
 import tarfile
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-import yaml
-from PIL import Image
 
-from helpers.jobs import kill_then_rerun, status_tables, tars
+from helpers.jobs import job_file, kill_then_rerun, status_tables, tars
 from pipeline.cli.main import main
 from pipeline.core.config import ConfigError
 from pipeline.job.runner import run_job
 from pipeline.job.spec import load_job
-from pipeline.testing.serve import LocalServer
-
-N = 60
-
-
-def jpeg(i: int) -> bytes:
-    rng = random.Random(i)
-    img = Image.new("RGB", (rng.randint(80, 300), rng.randint(80, 300)), (rng.randrange(256), 40, 200))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def server():
-    files = {f"{i}.jpg": jpeg(i) for i in range(N) if i % 10 != 3}  # every 10th+3 is a dead link
-    rng = random.Random(0)
-    with LocalServer(files, latency=lambda: rng.uniform(0.005, 0.03)) as srv:
-        yield srv
-
-
-def job_file(tmp_path, server, name="job", **overrides):
-    urls = tmp_path / "urls.parquet"
-    if not urls.exists():
-        pq.write_table(pa.table({"url": [server.url(f"{i}.jpg") for i in range(N)],
-                                 "caption": [f"picture number {i}" for i in range(N)]}), urls)
-    data = {"name": name, "input": {"files": [str(urls)]},
-            "download": {"image_size": 48, "allow_private_addresses": True, "timeout": 5, "concurrency": 4},
-            "output": {"dir": str(tmp_path / name), "samples_per_shard": 8},
-            "execution": {"engine": "local", "progress": False}}
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        data.setdefault(section, {})[field] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, server):
-    tmp = tmp_path_factory.mktemp("reference")
-    result = run_job(load_job(job_file(tmp, server, "ref")))
-    assert result.ok
-    return tmp / "ref"
-
 
 def test_output_directory_contract(reference):
     out = reference

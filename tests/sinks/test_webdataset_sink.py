@@ -77,3 +77,45 @@ def test_finish_writes_the_index_of_complete_shards(tmp_path):
     assert index["shardlist"] == [{"url": "00003.tar", "nsamples": 2,
                                    "filesize": (tmp_path / "00003.tar").stat().st_size}]
     assert json.loads((tmp_path / "index.json").read_text()) == index
+
+
+class RecordingDirectory(Directory):
+    def __init__(self, root):
+        super().__init__(root)
+        self.written = []
+
+    def write(self, name, data):
+        self.written.append(name)
+        super().write(name, data)
+
+
+def test_stats_are_committed_last(tmp_path):
+    directory = RecordingDirectory(tmp_path)
+    out = WebDatasetSink(directory, TYPES, "t")
+    out.open()
+    write_shard(out, 2, Payload(batch(3)))
+    assert directory.written == ["00002.tar", "00002.parquet", "00002_stats.json"]
+
+
+def test_files_of_an_interrupted_shard_are_ignored_then_swept(tmp_path):
+    out = sink(tmp_path)
+    write_shard(out, 0, Payload(batch(3)))
+    write_shard(out, 1, Payload(batch(3)))
+    (tmp_path / "00001_stats.json").unlink()  # killed after the tar and the status table
+    assert out.complete_shards() == {0}
+    assert [s["url"] for s in out.finish()["shardlist"]] == ["00000.tar"]
+    assert out.open() == 2  # the tar and the parquet of shard 1
+    assert sorted(p.name for p in tmp_path.glob("0*")) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+
+
+def test_a_sink_on_s3_commits_reads_and_indexes_like_a_local_one(tmp_path, s3):
+    local, remote = sink(tmp_path), sink(s3.url("out"))
+    for out in (local, remote):
+        write_shard(out, 0, Payload(batch(3)))
+        write_shard(out, 4, Payload(batch(2)))
+    assert remote.complete_shards() == local.complete_shards() == {0, 4}
+    assert remote.read_status(4) == local.read_status(4) and remote.read_stats(0) == local.read_stats(0)
+    index = remote.finish()
+    assert index["shardlist"] == local.finish()["shardlist"]
+    assert s3.client().get_object(Bucket="mmcurate-test", Key="out/00000.tar")["Body"].read() == (
+        tmp_path / "00000.tar").read_bytes()
