@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from pipeline.core.location import local_path
 from pipeline.loader.tar import _TarReader, _walk_samples
 
 
@@ -30,14 +31,6 @@ class Source:
         return sum(s.nsamples for s in self.shards)
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
-
-
 def _join(root: str, url: str) -> str:
     if "://" in url or url.startswith("/"):
         return url
@@ -46,8 +39,9 @@ def _join(root: str, url: str) -> str:
 
 def _open(url: str, storage_options: Optional[dict]) -> Any:
     """A binary file object with seek/readinto: unbuffered for local files (we buffer), fsspec else."""
-    if _is_local(url):
-        return open(_local_path(url), "rb", buffering=0)
+    path = local_path(url)
+    if path is not None:
+        return open(path, "rb", buffering=0)
     import fsspec
 
     return fsspec.open(url, "rb", **(storage_options or {})).open()
@@ -68,8 +62,9 @@ def read_index(root: str, storage_options: Optional[dict] = None) -> Source:
 
 
 def _scan_directory(root: str, storage_options: Optional[dict]) -> Source:
-    if _is_local(root):
-        names = sorted(n for n in os.listdir(_local_path(root)) if n.endswith(".tar"))
+    path = local_path(root)
+    if path is not None:
+        names = sorted(n for n in os.listdir(path) if n.endswith(".tar"))
         urls = [_join(root, n) for n in names]
     else:
         import fsspec
