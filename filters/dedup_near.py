@@ -21,6 +21,7 @@ import numpy as np
 from pipeline.core import schema
 from pipeline.core.config import ConfigError
 from pipeline.core.schema import Batch, ErrorKind
+from pipeline.media.image_open import ImageRejected
 from pipeline.media.npy import read_npy
 
 from .base import Filter, alive_with_image
@@ -77,7 +78,7 @@ class NearDedupFilter(Filter):
             try:
                 h = hash_fn(data)
             except Exception as e:  # noqa: BLE001 - an undecodable image is this sample's problem only
-                schema.mark(batch, i, ErrorKind.DECODE_ERROR, f"{self.name}: {e}")
+                schema.mark(batch, i, e.kind if isinstance(e, ImageRejected) else ErrorKind.DECODE_ERROR, f"{self.name}: {e}")
                 hashes.append(None)
                 groups.append(None)
                 continue

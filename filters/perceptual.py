@@ -2,19 +2,22 @@
 an index that finds a stored hash within a Hamming distance without comparing against all of them."""
 from __future__ import annotations
 
-import io
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image
+
+from pipeline.media.image_open import open_image
 
 BITS = 64
 _HASH_SIDE = 8
 
 
 def load_gray(data: bytes, side: int) -> Image.Image:
-    """Decode to grayscale; JPEGs are decoded at reduced scale (DCT scaling) when much larger."""
-    with Image.open(io.BytesIO(data)) as im:
+    """Decode to grayscale; JPEGs are decoded at reduced scale (DCT scaling) when much larger.
+    Raises :class:`pipeline.media.image_open.ImageRejected` for bytes that are not a whitelisted
+    image within the pixel cap."""
+    with open_image(data) as im:
         im.draft("L", (side, side))  # a no-op for formats other than JPEG
         return im.convert("L")
 

@@ -17,14 +17,19 @@ EPILOG = """examples:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.job.runner import run_job
+    from pipeline.job.runner import JobFailed, run_job
     from pipeline.job.spec import load_job
+    from pipeline.sinks.lock import OutputInUse
 
     spec = load_job(args.job, args.set)
     if args.dry_run:
         print(json.dumps(spec.to_dict(), indent=1))
         return 0
-    result = run_job(spec, progress=not args.no_progress)
+    try:
+        result = run_job(spec, progress=not args.no_progress, verify=args.verify)
+    except (JobFailed, OutputInUse) as e:  # the message says it all; -v logs the traceback
+        print(f"mmcurate: error: {e}", file=sys.stderr)
+        return 1
     print(f"\n{result.out_dir}: {result.shards_total} shards ({result.shards_skipped} already complete, "
           f"{result.shards_written} written, {len(result.failed_shards)} failed) in {result.seconds:.1f}s")
     total = result.samples
@@ -70,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a spec value, e.g. --set download.image_size=512 (repeatable)")
     run.add_argument("--dry-run", action="store_true", help="validate and print the spec as it would run")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--verify", action="store_true",
+                     help="read complete shards back and check their sha256 before skipping them "
+                     "(by default only their sizes are checked)")
     run.set_defaults(func=_run)
 
     insp = sub.add_parser("inspect", help="summarise an output directory and show a few samples")

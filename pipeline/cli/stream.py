@@ -2,6 +2,8 @@
 
 A quick check that a job's output loads (and how fast) the way a trainer would read it:
 pipeline.loader's ShardDataset in its Loader, with DataLoader workers, batching and decoding.
+An index the loader refuses (malformed, impossible counts, shards outside OUTPUT_DIR without
+``--allow-outside-root``) is an error (exit 2) naming the shard and the field.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import sys
 import time
 import warnings
 from typing import Any
+
+from pipeline.media.geometry import MAX_PIXELS
 
 EPILOG = """examples:
   mmcurate stream out/cc3m --batch-size 256 --workers 4
@@ -36,6 +40,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
     p.add_argument("--image-size", type=_positive, default=None, metavar="PX", help="resize images (center crop)")
     p.add_argument("--no-decode", action="store_true", help="deliver raw bytes (measures reading alone)")
+    p.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS, metavar="N",
+                   help=f"skip images whose header announces more pixels (default {MAX_PIXELS}, as on download)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="read shards that index.json places outside OUTPUT_DIR (refused by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -74,11 +82,16 @@ def _epoch(loader: Any, max_batches: int | None, progress: bool) -> tuple[int, i
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.loader import Loader, ShardDataset, SkippedDataWarning
+    from pipeline.loader import BadIndexError, Loader, ShardDataset, SkippedDataWarning
 
     sources = args.output_dir[0] if len(args.output_dir) == 1 else args.output_dir
-    ds = ShardDataset(sources, fields=args.fields, batch_size=args.batch_size, shuffle=args.shuffle, seed=args.seed,
-                      image_size=args.image_size, decode=not args.no_decode)
+    try:
+        ds = ShardDataset(sources, fields=args.fields, batch_size=args.batch_size, shuffle=args.shuffle,
+                          seed=args.seed, image_size=args.image_size, decode=not args.no_decode,
+                          max_pixels=args.max_pixels, allow_outside_root=args.allow_outside_root)
+    except BadIndexError as e:
+        print(f"mmcurate stream: error: {e}", file=sys.stderr)
+        return 2
     loader = Loader(ds, num_workers=args.workers)
     print(f"{', '.join(args.output_dir)}: {ds.num_samples} samples in {sum(len(s.shards) for s in ds.sources)} "
           f"shards; batch size {args.batch_size}, {args.workers} workers, fields {args.fields or 'all'}")

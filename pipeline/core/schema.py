@@ -110,6 +110,8 @@ class ErrorKind(str, enum.Enum):
     TOO_LARGE = "too_large", FAILED_TO_DOWNLOAD, "the body is larger than the byte cap"
     TRUNCATED = "truncated", FAILED_TO_DOWNLOAD, "the body ended before Content-Length bytes arrived"
     NOT_MEDIA = "not_media", FAILED_TO_DOWNLOAD, "the bytes are not an image or video (e.g. an HTML page)"
+    BAD_ENCODING = ("bad_encoding", FAILED_TO_DOWNLOAD,
+                    "the body starts like its Content-Encoding (gzip, deflate) but does not decode")
     YTDLP_ERROR = ("ytdlp_error", FAILED_TO_DOWNLOAD,
                    "yt-dlp could not fetch the video (unsupported page, removed, private)")
     # decode / resize

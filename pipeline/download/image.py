@@ -34,19 +34,24 @@ class ImageDownloadStage(ThreadPoolStage):
         return batch
 
     async def _download(self, batch: Batch, rows: list[int]) -> None:
-        # One slot per sample from request to resized bytes: bounds the bodies held in memory.
+        # One slot per sample from request to resized bytes, given up while the sample waits to
+        # retry (a host answering 429 does not hold up the others); the body keeps its share of
+        # the fetcher's byte budget until it is resized.
         slots = asyncio.Semaphore(self.config.fetch.concurrency)
         loop = asyncio.get_running_loop()
         async with Fetcher(self.config.fetch) as fetcher:
 
             async def one(i: int) -> None:
                 async with slots:
-                    got = await fetcher.get(batch[schema.URL][i])
-                    if not got.ok:
-                        schema.mark(batch, i, got.error_kind, got.error_message or "")
-                        return
-                    digest, out = await loop.run_in_executor(self._pool, _hash_and_resize, got.body,
-                                                             self.config.resize)
+                    got = await fetcher.get(batch[schema.URL][i], slot=slots, hold_body=True)
+                    try:
+                        if not got.ok:
+                            schema.mark(batch, i, got.error_kind, got.error_message or "")
+                            return
+                        digest, out = await loop.run_in_executor(self._pool, _hash_and_resize, got.body,
+                                                                 self.config.resize)
+                    finally:
+                        got.release()
                     self._record(batch, i, digest, out)
 
             await asyncio.gather(*(one(i) for i in rows))

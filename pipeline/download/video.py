@@ -33,7 +33,7 @@ from pipeline.core import schema
 from pipeline.core.schema import Batch, ErrorKind
 from pipeline.core.stage import ThreadPoolStage
 from pipeline.download.ytdlp import YtdlpOptions, require_ytdlp
-from pipeline.fetch import FetchConfig, Fetcher, FetchResult, ForbiddenAddress
+from pipeline.fetch import FetchConfig, Fetcher, FetchResult, ForbiddenAddress, normal_host
 from pipeline.media.npy import npy_bytes
 from pipeline.media.video import Clip, CutConfig, MediaError, SourceInfo, Span, probe_file, try_cut_clip
 
@@ -82,7 +82,8 @@ class VideoDownloadStage(ThreadPoolStage):
 
     # -- per video -------------------------------------------------------------------------------
     async def _run(self, batch: Batch, groups: dict[str, list[int]], tmp: Path) -> None:
-        # One slot per video from its download to its last clip: bounds videos on disk.
+        # One slot per video from its download to its last clip: bounds videos on disk. A video
+        # waiting to retry (Retry-After) has nothing on disk and gives its slot up meanwhile.
         slots = asyncio.Semaphore(self.config.fetch.concurrency)
         async with Fetcher(self.config.fetch) as fetcher:
 
@@ -91,14 +92,15 @@ class VideoDownloadStage(ThreadPoolStage):
                     workdir = tmp / f"{n:06d}"
                     workdir.mkdir()
                     try:
-                        await self._video(fetcher, batch, url, rows, workdir)
+                        await self._video(fetcher, batch, url, rows, workdir, slots)
                     finally:
                         _remove_tree(workdir)
 
             await asyncio.gather(*(one(n, url, rows) for n, (url, rows) in enumerate(groups.items())))
 
-    async def _video(self, fetcher: Fetcher, batch: Batch, url: str, rows: list[int], workdir: Path) -> None:
-        got = await self._download(fetcher, url, workdir)
+    async def _video(self, fetcher: Fetcher, batch: Batch, url: str, rows: list[int], workdir: Path,
+                     slot: asyncio.Semaphore) -> None:
+        got = await self._download(fetcher, url, workdir, slot)
         if not got.ok:
             for i in rows:
                 schema.mark(batch, i, got.error_kind or ErrorKind.CONNECTION, got.error_message or "")
@@ -117,9 +119,9 @@ class VideoDownloadStage(ThreadPoolStage):
         for i, result in zip(rows, results):
             record(batch, i, got, info, result)
 
-    async def _download(self, fetcher: Fetcher, url: str, workdir: Path) -> FetchResult:
+    async def _download(self, fetcher: Fetcher, url: str, workdir: Path, slot: asyncio.Semaphore) -> FetchResult:
         if self.config.ytdlp is None:
-            return await fetcher.get_to_file(url, str(workdir / "source"))
+            return await fetcher.get_to_file(url, str(workdir / "source"), slot=slot)
         refused = await _vet_host(fetcher, url)
         if refused is not None:
             return refused
@@ -187,6 +189,8 @@ async def _vet_host(fetcher: Fetcher, url: str) -> Optional[FetchResult]:
     """The fetcher's address policy, for a URL handed to yt-dlp; None when it may be fetched."""
     try:
         host = URL(url).raw_host
+        if host:
+            normal_host(host)  # a..example, a label over 63 characters: the same bad_url as over HTTP
     except (ValueError, UnicodeError) as e:
         return FetchResult(url=url, error_kind=ErrorKind.BAD_URL, error_message=str(e))
     if not host:

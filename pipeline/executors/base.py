@@ -2,7 +2,9 @@
 
 * skips the shards the sink already holds (reporting them as skipped) and, when a stage is
   ``ordered``, replays their status tables to it in shard order, so job-wide state (seen hashes)
-  is exactly where an uninterrupted run had it;
+  is exactly where an uninterrupted run had it; a complete shard whose files are not as written
+  (``Sink.verified_stats``: sizes, with ``verify`` checksums, a replayed status table readable)
+  is redone instead, with a warning;
 * runs the stages over each other shard, timing each stage, and writes it through the sink;
 * retries a failed shard up to ``shard_retries`` times in this run, except when a stage is
   ordered (its state must see every shard once; the next run redoes the shard);
@@ -14,6 +16,7 @@ Subclasses only ``schedule`` the work: where and when each step runs.
 from __future__ import annotations
 
 import collections
+import logging
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -24,8 +27,10 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, Union
 from pipeline.core import schema
 from pipeline.core.schema import Batch
 from pipeline.core.stage import Stage
-from pipeline.sinks.base import Sink
+from pipeline.sinks.base import DamagedShard, Sink
 from pipeline.sources.shards import InputShard
+
+log = logging.getLogger("mmcurate")
 
 
 @dataclass
@@ -135,15 +140,24 @@ class Executor(ABC):
     def __init__(self, options: Any) -> None:
         self.options = options  # the job's execution section
 
-    def run(self, shards: Iterable[InputShard], stages: list[Stage], sink: Sink, on_done: OnDone) -> None:
-        self.schedule(self._work(shards, stages, sink, on_done), stages, sink, on_done)
+    def run(self, shards: Iterable[InputShard], stages: list[Stage], sink: Sink, on_done: OnDone,
+            verify: bool = False) -> None:
+        """``verify``: read complete shards back and check their checksums before skipping them."""
+        self.schedule(self._work(shards, stages, sink, on_done, verify), stages, sink, on_done)
 
-    def _work(self, shards: Iterable[InputShard], stages: list[Stage], sink: Sink, on_done: OnDone) -> Iterator[Work]:
+    def _work(self, shards: Iterable[InputShard], stages: list[Stage], sink: Sink, on_done: OnDone,
+              verify: bool = False) -> Iterator[Work]:
         replay = any(s.ordered for s in stages)
         done = sink.complete_shards()
         for shard in shards:
             if shard.shard_id in done:
-                on_done(ShardOutcome(shard.shard_id, sink.read_stats(shard.shard_id), skipped=True))
+                try:
+                    stats = sink.verified_stats(shard.shard_id, checksums=verify, status=replay)
+                except DamagedShard as e:
+                    log.warning("shard %05d was complete but %s: redoing it", shard.shard_id, e)
+                    yield shard
+                    continue
+                on_done(ShardOutcome(shard.shard_id, stats, skipped=True))
                 if replay:
                     yield Replay(shard.shard_id, partial(sink.read_status, shard.shard_id))
                 continue

@@ -1,9 +1,11 @@
-"""The address policy (which IP addresses may be contacted) and the vetting resolver that applies it
-to every host name before any connection."""
+"""The address policy (which IP addresses may be contacted: :data:`SPECIAL_NETWORKS`), the one
+spelling of a host name (:func:`normal_host`, which also refuses names DNS cannot hold), and the
+vetting resolver that applies the policy to every host name before any connection."""
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +22,53 @@ class ForbiddenAddress(OSError):
 
 # -- address policy and the vetting resolver -------------------------------------------------------
 
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+_net = ipaddress.ip_network
+
+# Every network a fetch refuses, with the reason reported: the IANA IPv4 and IPv6 Special-Purpose
+# Address Registries (RFC 6890 and successors) plus the deprecated site-local block. The few
+# globally reachable anycast service addresses inside 192.0.0.0/24 and 2001::/23 (PCP, TURN, AMT,
+# AS112-v6) are refused with their block: they are never web servers. Checked in order, so a
+# specific row comes before the block that contains it. IPv6 spellings of an IPv4 address
+# (IPv4-mapped, 6to4, NAT64 64:ff9b::/96) are judged by the IPv4 address they reach, and every IPv6
+# address outside 2000::/3 (the only block allocated for global unicast) is refused as reserved.
+SPECIAL_NETWORKS: tuple[tuple[Union[ipaddress.IPv4Network, ipaddress.IPv6Network], str], ...] = tuple(
+    (_net(cidr), reason) for cidr, reason in (
+        ("0.0.0.0/32", "unspecified"),
+        ("0.0.0.0/8", "this network"),                       # RFC 791
+        ("10.0.0.0/8", "private"),                           # RFC 1918
+        ("100.64.0.0/10", "not globally routable"),          # shared address space, carrier NAT (RFC 6598)
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),                    # cloud metadata 169.254.169.254
+        ("172.16.0.0/12", "private"),
+        ("192.0.0.0/24", "IETF protocol assignment"),        # DS-Lite, NAT64 discovery, PCP/TURN anycast
+        ("192.0.2.0/24", "documentation"),                   # TEST-NET-1
+        ("192.88.99.0/24", "reserved"),                      # 6to4 relay anycast, deprecated (RFC 7526)
+        ("192.168.0.0/16", "private"),
+        ("198.18.0.0/15", "benchmarking"),                   # RFC 2544
+        ("198.51.100.0/24", "documentation"),                # TEST-NET-2
+        ("203.0.113.0/24", "documentation"),                 # TEST-NET-3
+        ("224.0.0.0/4", "multicast"),
+        ("255.255.255.255/32", "reserved"),                  # limited broadcast
+        ("240.0.0.0/4", "reserved"),                         # former class E
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("64:ff9b:1::/48", "not globally routable"),         # local-use IPv4/IPv6 translation (RFC 8215)
+        ("100::/64", "reserved"),                            # discard-only (RFC 6666)
+        ("100:0:0:1::/64", "reserved"),                      # dummy prefix (RFC 9780)
+        ("2001::/32", "Teredo tunnel"),                      # its embedded IPv4 addresses are unvetted
+        ("2001:2::/48", "benchmarking"),                     # RFC 5180
+        ("2001::/23", "IETF protocol assignment"),           # ORCHID, AMT, AS112-v6, anycast services
+        ("2001:db8::/32", "documentation"),
+        ("3fff::/20", "documentation"),                      # RFC 9637
+        ("5f00::/16", "not globally routable"),              # SRv6 SIDs (RFC 9602)
+        ("fc00::/7", "private"),                             # unique local
+        ("fe80::/10", "link-local"),
+        ("fec0::/10", "site-local"),                         # deprecated (RFC 3879), still routed on some LANs
+        ("ff00::/8", "multicast"),
+    ))
+_GLOBAL_UNICAST_V6 = _net("2000::/3")
+_NAT64 = _net("64:ff9b::/96")
 
 
 def _reached_address(ip: IPAddress) -> IPAddress:
@@ -37,20 +84,64 @@ def _reached_address(ip: IPAddress) -> IPAddress:
 
 
 def address_problem(address: str, allowed_networks: Sequence = ()) -> Optional[str]:
-    """Why ``address`` is refused ("loopback", "private", ...), or None if it may be contacted.
+    """Why ``address`` is refused (a reason of :data:`SPECIAL_NETWORKS`, or "reserved"), or None if
+    it may be contacted.
 
-    ``allowed_networks`` (ip_network objects or strings) are accepted even when not global.
+    ``allowed_networks`` (ip_network objects or strings) are accepted even when special; they match
+    the address as written or the IPv4 address it reaches.
     """
-    ip = _reached_address(ipaddress.ip_address(address.partition("%")[0]))
+    written = ipaddress.ip_address(address.partition("%")[0])
+    ip = _reached_address(written)
     for net in allowed_networks:
-        if ip in ipaddress.ip_network(net, strict=False):
+        net = ipaddress.ip_network(net, strict=False)
+        if ip in net or written in net:
             return None
-    for reason, flag in (("unspecified", ip.is_unspecified), ("loopback", ip.is_loopback),
-                         ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
-                         ("private", ip.is_private), ("reserved", ip.is_reserved)):
-        if flag:
+    for net, reason in SPECIAL_NETWORKS:
+        if ip in net:
             return reason
-    return None if ip.is_global else "not globally routable"
+    if ip.version == 6 and ip not in _GLOBAL_UNICAST_V6:
+        return "reserved"  # unallocated, or deprecated forms such as IPv4-compatible ::a.b.c.d
+    return None
+
+
+_HOST_LABEL = re.compile(r"[a-z0-9_-]+")  # letters, digits, hyphen (underscore: seen in real names)
+
+
+def normal_host(host: str) -> str:
+    """The one spelling of a URL's host: an IP literal in its compressed form, else the name in
+    lower case, IDNA-encoded, without its trailing dot ("Cap.Test." and "cap.test" are one host).
+
+    Raises ValueError naming the host when it cannot be a DNS name: an empty label ("a..b"), a label
+    over 63 or a name over 253 characters, a character outside letters, digits, "-" and "_".
+    """
+    literal = _ip_literal(host)
+    if literal is not None:
+        return literal
+    name = host.lower()
+    name = name[:-1] if name.endswith(".") else name
+    try:
+        name = name.encode("idna").decode("ascii") if not name.isascii() else name
+    except UnicodeError as exc:
+        raise ValueError(f"host {host[:100]!r} is not a valid name: {exc}") from None
+    problem = _name_problem(name)
+    if problem:
+        raise ValueError(f"host {host[:100]!r} is not a valid name: {problem}")
+    return name
+
+
+def _name_problem(name: str) -> Optional[str]:
+    if not name:
+        return "it is empty"
+    if len(name) > 253:
+        return f"{len(name)} characters, over 253"
+    for label in name.split("."):
+        if not label:
+            return "an empty label"
+        if len(label) > 63:
+            return f"a label of {len(label)} characters, over 63"
+        if not _HOST_LABEL.fullmatch(label):
+            return f"label {label[:30]!r} has a character other than letters, digits, '-' and '_'"
+    return None
 
 
 def _ip_literal(host: str) -> Optional[str]:
@@ -139,7 +230,10 @@ def system_lookup(pool: Optional[ThreadPoolExecutor] = None) -> Lookup:
 
     async def lookup(host: str) -> list[str]:
         loop = asyncio.get_running_loop()
-        infos = await loop.run_in_executor(pool, socket.getaddrinfo, host, None, 0, socket.SOCK_STREAM)
+        try:
+            infos = await loop.run_in_executor(pool, socket.getaddrinfo, host, None, 0, socket.SOCK_STREAM)
+        except (UnicodeError, ValueError) as exc:  # the idna codec, an embedded NUL: not a resolvable name
+            raise socket.gaierror(socket.EAI_NONAME, f"{host[:100]!r} is not a host name: {exc}") from None
         return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
     return lookup

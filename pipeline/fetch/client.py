@@ -8,20 +8,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import os
 import random
 import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal, Optional, Sequence, Union
 
 import aiohttp
 from yarl import URL
 
-from pipeline.core.schema import ErrorKind, error_kind
-from pipeline.fetch.address import ForbiddenAddress, Lookup, VettingResolver, system_lookup
+from pipeline.core.schema import ErrorKind
+from pipeline.fetch.address import ForbiddenAddress, Lookup, VettingResolver, normal_host, system_lookup
+from pipeline.fetch.body import ACCEPT_ENCODING, CHUNK_BYTES, Decoder, FileSink, MemorySink, content_coding
+from pipeline.fetch.failure import Failure
+from pipeline.fetch.limits import ByteBudget, KeyedSlots, Lease, park
 from pipeline.fetch.headers import DEFAULT_USER_AGENT, agent_tokens, optouts, retry_after_seconds
 from pipeline.fetch.sniff import SNIFF_BYTES, sniff
 
@@ -33,7 +35,8 @@ else:  # aiohttp depends on async-timeout before 3.11
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 RETRYABLE_KINDS = frozenset({ErrorKind.TIMEOUT, ErrorKind.CONNECTION, ErrorKind.TRUNCATED})
-CHUNK_BYTES = 1 << 16
+ADDRESS_LIMIT_PER_HOST_LIMIT = 4  # per_address_limit None: this many host caps (a CDN address serves many sites)
+DEFAULT_MAX_BYTES_IN_FLIGHT = 1 << 30
 
 
 # -- configuration and result ----------------------------------------------------------------------
@@ -45,7 +48,9 @@ class FetchConfig:
     max_redirects: int = 5
     max_bytes: int = 50_000_000            # body cap
     concurrency: int = 256                 # requests in flight per Fetcher
-    per_host_limit: int = 16               # requests in flight to one host
+    per_host_limit: int = 16               # requests in flight to one host (its normalised name)
+    per_address_limit: Optional[int] = None  # requests in flight to one IP address, over all its names;
+                                             # None: ADDRESS_LIMIT_PER_HOST_LIMIT x per_host_limit
     user_agent: str = DEFAULT_USER_AGENT
     respect_optouts: bool = True
     allow_private_addresses: bool = False
@@ -53,7 +58,9 @@ class FetchConfig:
     media: Literal["image", "video"] = "image"
     backoff_base: float = 0.5              # first retry waits about this long, then doubles
     max_retry_wait: float = 60.0           # cap on one backoff / Retry-After wait
-    total_timeout: Optional[float] = None  # wall-clock budget per URL over all attempts; None: unbounded
+    sample_deadline: Optional[float] = None  # per URL: network time + retry waits, all attempts; None: unbounded
+    # Bytes of bodies in memory at once (get_to_file's are on disk); None: unbounded.
+    max_bytes_in_flight: Optional[int] = DEFAULT_MAX_BYTES_IN_FLIGHT
 
     def __post_init__(self) -> None:
         self.allowed_networks = tuple(self.allowed_networks)
@@ -75,96 +82,27 @@ class FetchResult:
     error_message: Optional[str] = None
     http_status: Optional[int] = None
     attempts: int = 0                     # requests made for this URL, retries included
+    # get(hold_body=True): the body's share of the byte budget, until release()
+    _lease: Optional["Lease"] = field(default=None, repr=False, compare=False)
 
+    def release(self) -> None:
+        """Give the body's bytes back to the byte budget (after get(hold_body=True)); idempotent."""
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
 
-class _Failure(Exception):
-    """A per-URL failure with its error kind; turned into a FetchResult at the top."""
-
-    def __init__(self, kind: ErrorKind, message: str, http_status: Optional[int] = None,
-                 retry_after: Optional[float] = None):
-        error_kind(kind)  # a kind outside the schema is a bug here
-        super().__init__(message)
-        self.kind, self.message, self.http_status, self.retry_after = kind, message, http_status, retry_after
-
-
-# -- body sinks ------------------------------------------------------------------------------------
-
-class _MemorySink:
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-
-    def write(self, chunk: bytes) -> None:
-        self._parts.append(chunk)
-
-    def finish(self) -> tuple[Optional[bytes], Optional[str]]:
-        return b"".join(self._parts), None
-
-    def discard(self) -> None:
-        self._parts.clear()
-
-
-class _FileSink:
-    """Writes to ``PATH.part`` and renames on success, so a failed fetch never leaves a partial file."""
-
-    def __init__(self, path: str) -> None:
-        self.path = os.fspath(path)
-        self._tmp = self.path + ".part"
-        self._file = None
-
-    def write(self, chunk: bytes) -> None:
-        try:
-            if self._file is None:
-                self._file = open(self._tmp, "wb")
-            self._file.write(chunk)  # page-cache writes of 64 KiB: cheaper than a thread hop per chunk
-        except OSError as exc:  # a full disk is the job's problem, not this URL's: not an OSError here
-            raise RuntimeError(f"cannot write {self._tmp}: {exc}") from exc
-
-    def finish(self) -> tuple[Optional[bytes], Optional[str]]:
-        self.write(b"")  # opens the file if the body was empty
-        self._file.close()
-        self._file = None
-        os.replace(self._tmp, self.path)
-        return None, self.path
-
-    def discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if os.path.exists(self._tmp):
-            os.unlink(self._tmp)
-
-
-# -- concurrency helpers ---------------------------------------------------------------------------
-
-class _HostSlots:
-    """One semaphore per host, dropped when no request uses it (millions of hosts over a job)."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._slots: dict[str, list] = {}  # host -> [semaphore, users]
-
-    @contextlib.asynccontextmanager
-    async def hold(self, host: str):
-        slot = self._slots.setdefault(host, [asyncio.Semaphore(self._limit), 0])
-        slot[1] += 1
-        try:
-            async with slot[0]:
-                yield
-        finally:
-            slot[1] -= 1
-            if slot[1] == 0:
-                del self._slots[host]
 
 
 class _Clock:
-    """The network time left to one attempt; only time spent holding a slot is charged."""
+    """The network time left to one attempt; only time spent holding a slot is charged, and not
+    the time :meth:`paused` (waiting for the byte budget)."""
 
     def __init__(self, seconds: float) -> None:
         self.left = seconds
 
     async def __aenter__(self) -> None:
         if self.left <= 0:
-            raise _Failure(ErrorKind.TIMEOUT, "no time left for this request")
+            raise Failure(ErrorKind.TIMEOUT, "no time left for this request")
         self._start = time.monotonic()
         self._timeout = _timeout(self.left)
         await self._timeout.__aenter__()
@@ -172,6 +110,21 @@ class _Clock:
     async def __aexit__(self, *exc) -> Optional[bool]:
         self.left -= time.monotonic() - self._start
         return await self._timeout.__aexit__(*exc)
+
+    @contextlib.asynccontextmanager
+    async def paused(self):
+        """Inside an entered clock: the time spent here is not charged and cannot time out."""
+        loop = asyncio.get_running_loop()
+        deadline = self._timeout.when() if hasattr(self._timeout, "when") else self._timeout.deadline  # async-timeout
+        remaining = deadline - loop.time()
+        self._timeout.reschedule(None)
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            waited = time.monotonic() - started
+            self._start += waited
+            self._timeout.reschedule(loop.time() + remaining)
 
 
 # -- the fetcher -----------------------------------------------------------------------------------
@@ -187,6 +140,7 @@ class _Body:
     media_type: str
     body: Optional[bytes]
     path: Optional[str]
+    lease: Optional[Lease] = None
 
 
 class Fetcher:
@@ -212,11 +166,14 @@ class Fetcher:
         connector = aiohttp.TCPConnector(limit=cfg.concurrency, limit_per_host=0, resolver=self.resolver,
                                          use_dns_cache=False)  # the resolver caches vetted answers itself
         self._session = aiohttp.ClientSession(
-            connector=connector, headers={"User-Agent": cfg.user_agent},
+            connector=connector, headers={"User-Agent": cfg.user_agent, "Accept-Encoding": ACCEPT_ENCODING},
+            auto_decompress=False,  # ours: Decoder (a wrong label, a bomb, a corrupt stream)
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=None, sock_read=None),  # ours: _Clock
             cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
-        self._slots = asyncio.Semaphore(cfg.concurrency)
-        self._hosts = _HostSlots(cfg.per_host_limit)
+        self._slots, self._lookups = asyncio.Semaphore(cfg.concurrency), asyncio.Semaphore(cfg.concurrency)
+        self._hosts = KeyedSlots(cfg.per_host_limit)
+        self._addresses = KeyedSlots(cfg.per_address_limit or ADDRESS_LIMIT_PER_HOST_LIMIT * cfg.per_host_limit)
+        self.memory = ByteBudget(cfg.max_bytes_in_flight)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -227,32 +184,47 @@ class Fetcher:
             self._dns_pool.shutdown(wait=False, cancel_futures=True)  # a hung getaddrinfo must not block exit
             self._dns_pool = None
 
-    async def get(self, url: str) -> FetchResult:
-        """Fetch ``url`` into memory (images)."""
-        return await self._fetch(url, _MemorySink)
+    async def get(self, url: str, *, slot: Optional[asyncio.Semaphore] = None,
+                  hold_body: bool = False) -> FetchResult:
+        """Fetch ``url`` into memory (images).
 
-    async def get_to_file(self, url: str, path: str) -> FetchResult:
+        ``slot``: a semaphore the caller holds for this URL; it is released while the fetch waits
+        to retry (Retry-After, backoff) and held again for the next attempt, so a parked URL does
+        not keep others waiting. ``hold_body``: the body keeps its share of the byte budget until
+        ``result.release()`` (while the caller still holds the bytes, e.g. until resized).
+        """
+        result = await self._fetch(url, MemorySink, slot)
+        if not hold_body:
+            result.release()
+        return result
+
+    async def get_to_file(self, url: str, path: str, *, slot: Optional[asyncio.Semaphore] = None) -> FetchResult:
         """Stream ``url`` to ``path`` (videos); the body is never whole in memory, no partial file on failure."""
-        return await self._fetch(url, lambda: _FileSink(path))
+        return await self._fetch(url, lambda: FileSink(path), slot)
 
-    # One URL: attempts, waits between them.
-    async def _fetch(self, url: str, new_sink: Callable) -> FetchResult:
+    # One URL: attempts, waits between them (parked: no slot held).
+    async def _fetch(self, url: str, new_sink: Callable, slot: Optional[asyncio.Semaphore]) -> FetchResult:
         if self._session is None:
             raise RuntimeError("use Fetcher inside 'async with'")
         cfg = self.config
-        deadline = None if cfg.total_timeout is None else time.monotonic() + cfg.total_timeout
+        left = cfg.sample_deadline  # network time and waits; None: unbounded
         attempt = 0
         while True:
             attempt += 1
-            budget = cfg.timeout if deadline is None else min(cfg.timeout, deadline - time.monotonic())
-            result, failure = await self._attempt(url, new_sink(), budget)
+            clock = _Clock(cfg.timeout if left is None else min(cfg.timeout, left))
+            budget = clock.left
+            result, failure = await self._attempt(url, new_sink(), clock)
             result.attempts = attempt
+            if left is not None:
+                left -= budget - clock.left
             wait = None if failure is None or attempt > cfg.retries else self._retry_wait(failure, attempt)
-            if wait is None or (deadline is not None and time.monotonic() + wait >= deadline):
+            if wait is None or (left is not None and wait >= left):
                 return result
-            await asyncio.sleep(wait)
+            if left is not None:
+                left -= wait
+            await park(slot, wait)
 
-    def _retry_wait(self, failure: _Failure, attempt: int) -> Optional[float]:
+    def _retry_wait(self, failure: Failure, attempt: int) -> Optional[float]:
         """Seconds to wait before retrying, or None if the failure is not worth a retry."""
         status = failure.http_status
         if failure.kind not in RETRYABLE_KINDS and not (
@@ -263,25 +235,25 @@ class Fetcher:
         backoff = self.config.backoff_base * 2 ** (attempt - 1)
         return min(backoff, self.config.max_retry_wait) * random.uniform(0.5, 1.0)  # jitter spreads a herd
 
-    async def _attempt(self, url: str, sink, budget: float) -> tuple[FetchResult, Optional[_Failure]]:
+    async def _attempt(self, url: str, sink, clock: _Clock) -> tuple[FetchResult, Optional[Failure]]:
         current: Optional[URL] = None
+        budget = clock.left
         try:
             current = _parse_url(url)
-            clock = _Clock(budget)
             visited = {_visit_key(current)}
             for _ in range(self.config.max_redirects + 1):
                 outcome = await self._hop(current, sink, clock)
                 if isinstance(outcome, _Body):
                     return FetchResult(url=url, ok=True, body=outcome.body, path=outcome.path,
                                        media_type=outcome.media_type, final_url=str(current),
-                                       http_status=outcome.status), None
+                                       http_status=outcome.status, _lease=outcome.lease), None
                 current = _redirect_target(current, outcome.target, visited)
-            raise _Failure(ErrorKind.TOO_MANY_REDIRECTS, f"more than {self.config.max_redirects} redirects")
-        except _Failure as failure:
+            raise Failure(ErrorKind.TOO_MANY_REDIRECTS, f"more than {self.config.max_redirects} redirects")
+        except Failure as failure:
             return self._failed(url, current, sink, failure)
         except (asyncio.TimeoutError, TimeoutError):
             return self._failed(url, current, sink,
-                                _Failure(ErrorKind.TIMEOUT, f"no complete response in {budget:.3g} s"))
+                                Failure(ErrorKind.TIMEOUT, f"no complete response in {budget:.3g} s"))
         except Exception as exc:  # noqa: BLE001 - only the exceptions a network request can raise
             failure = _classify(exc)
             if failure is None:
@@ -290,7 +262,7 @@ class Fetcher:
             return self._failed(url, current, sink, failure)
 
     @staticmethod
-    def _failed(url: str, current: Optional[URL], sink, failure: _Failure) -> tuple[FetchResult, _Failure]:
+    def _failed(url: str, current: Optional[URL], sink, failure: Failure) -> tuple[FetchResult, Failure]:
         sink.discard()
         return FetchResult(url=url, ok=False, final_url=None if current is None else str(current),
                            error_kind=failure.kind, error_message=failure.message[:500],
@@ -298,66 +270,110 @@ class Fetcher:
 
     # One request: vet the destination, then connect, headers, body, all on the attempt's clock.
     async def _hop(self, url: URL, sink, clock: _Clock) -> Union[_Redirect, _Body]:
-        # Host slot first: a request queued behind a busy host must not hold a global slot.
-        async with self._hosts.hold(url.raw_host), self._slots, clock:
-            try:
-                await self.resolver.addresses(url.raw_host)
-            except ForbiddenAddress as exc:
-                raise _Failure(ErrorKind.FORBIDDEN_ADDRESS, str(exc)) from None
-            except OSError as exc:
-                raise _Failure(ErrorKind.DNS, f"cannot resolve {url.raw_host}: {exc}") from None
-            async with self._session.get(url, allow_redirects=False) as resp:
-                return await self._response(resp, sink)
+        # Slots are taken host, then address, then global: a request queued behind a busy host or
+        # address holds no global slot. The host is its normalised name ("Cap.Test." is
+        # "cap.test"); the address is the first vetted one, where the connector connects first,
+        # so the many names of one server share its cap too.
+        async with self._hosts.hold(normal_host(url.raw_host)):
+            async with self._lookups, clock:  # at most `concurrency` lookups; queueing is not charged
+                addresses = await self._vetted(url.raw_host)
+            async with self._addresses.hold(addresses[0]), self._slots, clock:
+                async with self._session.get(url, allow_redirects=False) as resp:
+                    return await self._response(resp, sink, clock)
 
-    async def _response(self, resp: aiohttp.ClientResponse, sink) -> Union[_Redirect, _Body]:
+    async def _vetted(self, host: str) -> list[str]:
+        try:
+            return await self.resolver.addresses(host)
+        except ForbiddenAddress as exc:
+            raise Failure(ErrorKind.FORBIDDEN_ADDRESS, str(exc)) from None
+        except OSError as exc:
+            raise Failure(ErrorKind.DNS, f"cannot resolve {host}: {exc}") from None
+
+    async def _response(self, resp: aiohttp.ClientResponse, sink, clock: _Clock) -> Union[_Redirect, _Body]:
         cfg = self.config
         if resp.status in REDIRECT_STATUSES and "Location" in resp.headers:
             return _Redirect(_join_location(resp.url, resp.headers["Location"]))
         if not 200 <= resp.status < 300:
             retry_after = (retry_after_seconds(resp.headers.get("Retry-After"))
                            if resp.status in RETRY_AFTER_STATUSES else None)
-            raise _Failure(ErrorKind.HTTP_STATUS, f"HTTP {resp.status} {resp.reason or ''}".strip(), resp.status,
+            raise Failure(ErrorKind.HTTP_STATUS, f"HTTP {resp.status} {resp.reason or ''}".strip(), resp.status,
                            retry_after)
         if cfg.respect_optouts:
             found = optouts(resp.headers.getall("X-Robots-Tag", ()), self._agent)
             if found:
                 resp.close()  # drop the connection: the body is never read
-                raise _Failure(ErrorKind.OPTED_OUT, f"X-Robots-Tag: {', '.join(sorted(found))}", resp.status)
-        if resp.content_length is not None and resp.content_length > cfg.max_bytes:
+                raise Failure(ErrorKind.OPTED_OUT, f"X-Robots-Tag: {', '.join(sorted(found))}", resp.status)
+        declared = resp.content_length
+        if declared is not None and declared > cfg.max_bytes:
             resp.close()
-            raise _Failure(ErrorKind.TOO_LARGE, f"Content-Length {resp.content_length} > {cfg.max_bytes} bytes",
-                           resp.status)
-        media_type = await self._stream(resp, sink)
-        body, path = sink.finish()
-        return _Body(resp.status, media_type, body, path)
+            raise Failure(ErrorKind.TOO_LARGE, f"Content-Length {declared} > {cfg.max_bytes} bytes", resp.status)
+        decoder = Decoder(content_coding(resp.headers.get("Content-Encoding", "")))
+        lease = await self._lease(resp, sink, clock, declared if decoder.coding == "" else None)
+        try:
+            media_type = await self._stream(resp, sink, decoder, lease)
+            body, path = sink.finish()
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        return _Body(resp.status, media_type, body, path, lease)
 
-    async def _stream(self, resp: aiohttp.ClientResponse, sink) -> str:
-        """Copy the body into ``sink`` under the byte cap; sniff as soon as the head is in."""
+    async def _lease(self, resp: aiohttp.ClientResponse, sink, clock: _Clock,
+                     size: Optional[int]) -> Optional[Lease]:
+        """The body's share of the byte budget (memory bodies only): ``size`` (an identity body's
+        Content-Length) or the byte cap. Waiting for it is not charged to the attempt's clock."""
+        limit = self.config.max_bytes_in_flight
+        if not sink.in_memory:
+            return None
+        if size is not None and limit is not None and size > limit:
+            resp.close()
+            raise Failure(ErrorKind.TOO_LARGE, f"Content-Length {size} > max_bytes_in_flight {limit} bytes",
+                           resp.status)
+        async with clock.paused():
+            return await self.memory.lease(self.config.max_bytes if size is None else size)
+
+    async def _stream(self, resp: aiohttp.ClientResponse, sink, decoder: Decoder, lease: Optional[Lease]) -> str:
+        """Copy the decoded body into ``sink`` under the byte cap and the budget; sniff as soon as
+        the head is in."""
         cap = self.config.max_bytes
-        head, size, media_type = b"", 0, None
+        head, size, received, media_type = b"", 0, 0, None
+
+        def take(piece: bytes) -> None:
+            nonlocal head, size, media_type
+            size += len(piece)
+            if size > cap:
+                raise Failure(ErrorKind.TOO_LARGE, f"body exceeds {cap} bytes", resp.status)
+            if lease is not None:
+                lease.take(len(piece))
+            if media_type is None:
+                head = (head + piece)[:SNIFF_BYTES]
+                if len(head) >= SNIFF_BYTES:
+                    media_type = self._media_type(head, resp.status, decoder)  # a page of HTML stops here
+            sink.write(piece)
+
         try:
             async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
-                size += len(chunk)
-                if size > cap:
-                    raise _Failure(ErrorKind.TOO_LARGE, f"body exceeds {cap} bytes", resp.status)
-                if media_type is None:
-                    head = (head + chunk)[:SNIFF_BYTES]
-                    if len(head) >= SNIFF_BYTES:
-                        media_type = self._media_type(head, resp.status)  # a page of HTML stops here
-                sink.write(chunk)
+                received += len(chunk)
+                for piece in decoder.feed(chunk):
+                    take(piece)
+            for piece in decoder.finish():
+                take(piece)
         except aiohttp.ClientPayloadError as exc:
-            raise _Failure(ErrorKind.TRUNCATED, f"body ended after {size} bytes: {_cause(exc)}",
+            raise Failure(ErrorKind.TRUNCATED, f"body ended after {received} bytes: {_cause(exc)}",
                            resp.status) from None
-        except _Failure:
+        except Failure as failure:
             resp.close()
+            failure.http_status = failure.http_status or resp.status
             raise
-        return media_type or self._media_type(head, resp.status)
+        return media_type or self._media_type(head, resp.status, decoder)
 
-    def _media_type(self, head: bytes, status: int) -> str:
+    def _media_type(self, head: bytes, status: int, decoder: Decoder) -> str:
         media_type = sniff(head)
         if media_type is None or not media_type.startswith(self.config.media + "/"):
             what = media_type or ("an empty body" if not head else f"bytes starting {head[:24]!r}")
-            raise _Failure(ErrorKind.NOT_MEDIA, f"not an {self.config.media}: {what}", status)
+            if decoder.passes_through:
+                what += f" (Content-Encoding {decoder.coding!r} is not decoded)"
+            raise Failure(ErrorKind.NOT_MEDIA, f"not an {self.config.media}: {what}", status)
         return media_type
 
 
@@ -365,24 +381,40 @@ class Fetcher:
 
 def _parse_url(url) -> URL:
     if not isinstance(url, str) or not url.strip():
-        raise _Failure(ErrorKind.MISSING_URL, f"no URL: {url!r}"[:200])
+        raise Failure(ErrorKind.MISSING_URL, f"no URL: {url!r}"[:200])
     try:
         parsed = URL(url.strip())
         parsed.raw_host  # noqa: B018 - IDNA encoding happens here and may fail
     except (ValueError, UnicodeError) as exc:
-        raise _Failure(ErrorKind.BAD_URL, f"cannot parse {url[:200]!r}: {exc}") from None
+        raise Failure(ErrorKind.BAD_URL, f"cannot parse {url[:200]!r}: {exc}") from None
     if parsed.scheme not in ("http", "https"):
-        raise _Failure(ErrorKind.BAD_SCHEME, f"only http(s) URLs are fetched: {url[:200]!r}")
-    if not parsed.raw_host:
-        raise _Failure(ErrorKind.BAD_URL, f"no host in {url[:200]!r}")
+        raise Failure(ErrorKind.BAD_SCHEME, f"only http(s) URLs are fetched: {url[:200]!r}")
+    _check_destination(parsed, f"in {url[:200]!r}")
     return parsed
+
+
+def _check_destination(url: URL, where: str) -> None:
+    """A host that can be resolved and a port that can be connected to, else bad_url: what
+    getaddrinfo, the IDNA codec or the connector would raise on, refused before any of them."""
+    if not url.raw_host:
+        raise Failure(ErrorKind.BAD_URL, f"no host {where}")
+    try:
+        normal_host(url.raw_host)
+    except ValueError as exc:
+        raise Failure(ErrorKind.BAD_URL, f"{exc} ({where})") from None
+    if url.port == 0:
+        raise Failure(ErrorKind.BAD_URL, f"port 0 {where}")
+    try:  # user:password go out as Basic auth, which aiohttp encodes as latin-1
+        f"{url.user or ''}:{url.password or ''}".encode("latin-1")
+    except UnicodeEncodeError:
+        raise Failure(ErrorKind.BAD_URL, f"user or password not latin-1 {where}") from None
 
 
 def _join_location(base: URL, location: str) -> URL:
     try:
         return base.join(URL(location.strip()))
     except (ValueError, UnicodeError) as exc:
-        raise _Failure(ErrorKind.BAD_URL, f"bad redirect Location {location[:200]!r}: {exc}") from None
+        raise Failure(ErrorKind.BAD_URL, f"bad redirect Location {location[:200]!r}: {exc}") from None
 
 
 def _visit_key(url: URL) -> str:
@@ -392,12 +424,11 @@ def _visit_key(url: URL) -> str:
 def _redirect_target(current: URL, target: URL, visited: set[str]) -> URL:
     """Check a redirect hop before following it: scheme, host, loop."""
     if target.scheme not in ("http", "https"):
-        raise _Failure(ErrorKind.FORBIDDEN_SCHEME, f"redirect from {current} to {str(target)[:200]}")
-    if not target.raw_host:
-        raise _Failure(ErrorKind.BAD_URL, f"redirect to a URL without host: {str(target)[:200]}")
+        raise Failure(ErrorKind.FORBIDDEN_SCHEME, f"redirect from {current} to {str(target)[:200]}")
+    _check_destination(target, f"in the redirect from {current} to {str(target)[:200]}")
     key = _visit_key(target)
     if key in visited:
-        raise _Failure(ErrorKind.REDIRECT_LOOP, f"redirect from {current} back to {key[:200]}")
+        raise Failure(ErrorKind.REDIRECT_LOOP, f"redirect from {current} back to {key[:200]}")
     visited.add(key)
     return target
 
@@ -407,22 +438,22 @@ def _cause(exc: BaseException) -> str:
     return f"{exc} ({inner})" if inner else str(exc) or type(exc).__name__
 
 
-def _classify(exc: Exception) -> Optional[_Failure]:
+def _classify(exc: Exception) -> Optional[Failure]:
     """The error kind of an exception raised by a request; None for anything else (a bug)."""
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return _Failure(ErrorKind.TIMEOUT, "timed out")
+        return Failure(ErrorKind.TIMEOUT, "timed out")
     if isinstance(exc, aiohttp.ClientConnectorError):
         if isinstance(exc.os_error, ForbiddenAddress):
-            return _Failure(ErrorKind.FORBIDDEN_ADDRESS, str(exc.os_error))
+            return Failure(ErrorKind.FORBIDDEN_ADDRESS, str(exc.os_error))
         if isinstance(exc, aiohttp.ClientConnectorDNSError) or isinstance(exc.os_error, socket.gaierror):
-            return _Failure(ErrorKind.DNS, str(exc))
-        return _Failure(ErrorKind.CONNECTION, str(exc))
+            return Failure(ErrorKind.DNS, str(exc))
+        return Failure(ErrorKind.CONNECTION, str(exc))
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return _Failure(ErrorKind.TRUNCATED, _cause(exc))
+        return Failure(ErrorKind.TRUNCATED, _cause(exc))
     if isinstance(exc, aiohttp.InvalidURL):
-        return _Failure(ErrorKind.BAD_URL, str(exc))
+        return Failure(ErrorKind.BAD_URL, str(exc))
     if isinstance(exc, (aiohttp.ClientError, OSError)):  # resets, bad status lines, oversized headers
-        return _Failure(ErrorKind.CONNECTION, f"{type(exc).__name__}: {exc}")
+        return Failure(ErrorKind.CONNECTION, f"{type(exc).__name__}: {exc}")
     return None
 
 
@@ -439,17 +470,26 @@ async def fetch_many(urls: Iterable[str], config: Optional[FetchConfig] = None,
     config = config or FetchConfig()
     urls = list(urls)
     results: list[Optional[FetchResult]] = [None] * len(urls)
-    work = iter(enumerate(urls))
+    # A slot per URL being fetched, given up while it waits to retry: a URL parked on Retry-After
+    # lets the next one start.
+    slots = asyncio.Semaphore(config.concurrency)
 
     async with Fetcher(config, lookup=lookup) as fetcher:
-        async def worker() -> None:
-            for i, url in work:  # one shared iterator: each worker takes the next URL when free
-                got = await (fetcher.get(url) if paths is None else fetcher.get_to_file(url, paths[i]))
-                results[i] = got
-                if on_result is not None:
-                    on_result(i, got)
+        async def one(i: int, url: str) -> None:
+            try:
+                got = await (fetcher.get(url, slot=slots) if paths is None
+                             else fetcher.get_to_file(url, paths[i], slot=slots))
+            finally:
+                slots.release()
+            results[i] = got
+            if on_result is not None:
+                on_result(i, got)
 
-        await asyncio.gather(*(worker() for _ in range(min(config.concurrency, len(urls)))))
+        tasks = []
+        for i, url in enumerate(urls):
+            await slots.acquire()
+            tasks.append(asyncio.ensure_future(one(i, url)))
+        await asyncio.gather(*tasks)
     return results  # type: ignore[return-value]
 
 

@@ -44,17 +44,24 @@ def optouts(header_values: Iterable[str], tokens: frozenset[str]) -> set[str]:
     return found
 
 
+_DELTA_SECONDS = re.compile(r"[0-9]+")  # RFC 9110 delta-seconds: ASCII digits only ("²".isdigit() is True)
+
+
 def retry_after_seconds(value: Optional[str]) -> Optional[float]:
-    """Retry-After as seconds from now (delta-seconds or HTTP-date), or None if absent/invalid."""
+    """Retry-After as seconds from now (delta-seconds or HTTP-date), or None if absent/invalid.
+
+    The value comes from the network: anything malformed (Unicode digits, signs, fractions, a
+    date out of range) is None, never an exception.
+    """
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DELTA_SECONDS.fullmatch(value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())

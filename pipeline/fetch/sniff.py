@@ -1,7 +1,15 @@
-"""Media sniffing: the media type of a body from its magic numbers, never from Content-Type."""
+"""Media sniffing: the media type of a body from its magic numbers, never from Content-Type.
+
+The images we decode are recognised from :data:`pipeline.core.image_formats.IMAGE_FORMATS`, the
+table that also drives the decoder's whitelist: a signature there is sniffed here, and a file
+sniffed as one of those types opens in that format. Images we recognise without decoding them
+(JPEG XL, HEIF/HEIC) are sniffed too, so they fail as ``decode_error`` rather than ``not_media``.
+"""
 from __future__ import annotations
 
 from typing import Optional
+
+from pipeline.core.image_formats import IMAGE_FORMATS
 
 SNIFF_BYTES = 512        # enough for every signature below (MPEG-TS needs 377)
 
@@ -9,16 +17,9 @@ SNIFF_BYTES = 512        # enough for every signature below (MPEG-TS needs 377)
 # -- media sniffing --------------------------------------------------------------------------------
 
 _PREFIXES: tuple[tuple[bytes, str], ...] = (
-    (b"\xff\xd8\xff", "image/jpeg"),
-    (b"\x89PNG\r\n\x1a\n", "image/png"),
-    (b"GIF87a", "image/gif"),
-    (b"GIF89a", "image/gif"),
-    (b"II*\x00", "image/tiff"),
-    (b"MM\x00*", "image/tiff"),
+    *((magic, f.media_type) for f in IMAGE_FORMATS for magic in f.magics),
     (b"\xff\x0a", "image/jxl"),
     (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "image/jxl"),
-    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "image/jp2"),
-    (b"\x00\x00\x01\x00", "image/x-icon"),
     (b"FLV\x01", "video/x-flv"),
     (b"\x00\x00\x01\xba", "video/mpeg"),
     (b"\x00\x00\x01\xb3", "video/mpeg"),

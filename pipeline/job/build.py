@@ -27,20 +27,26 @@ DEFAULT_NUM_FRAMES = 8  # frames sampled per clip when neither num_frames nor fr
 
 
 # -- input ---------------------------------------------------------------------------------------
+def input_files(spec: JobSpec) -> list[str]:
+    """The files (or, for a catalog, the entries) that the job reads, in order."""
+    options = spec.input.storage_options
+    if not spec.input.catalog:
+        return expand_files(spec.input.files, options)
+    # Globs and URL folders are expanded here; local folders and hf:// entries are the card's to
+    # resolve (its file patterns in a local copy, the Hub's cache when offline).
+    return [f for e in spec.input.files
+            for f in ([e] if e.startswith("hf://") else expand_files([e], options, folders="://" in e))]
+
+
 def input_chunks(spec: JobSpec) -> Iterator[dict[str, list]]:
     """Column chunks with normalised names (url, caption, spans, extra columns), before validation:
     through the catalog card's reader, or straight from plain URL files."""
-    options = spec.input.storage_options
     if not spec.input.catalog:
-        return table_chunks(expand_files(spec.input.files, options), spec.input)
+        return table_chunks(input_files(spec), spec.input)
     from catalogs import load_card
     from catalogs.readers import read_rows
 
-    # Globs and URL folders are expanded here; local folders and hf:// entries are the card's to
-    # resolve (its file patterns in a local copy, the Hub's cache when offline).
-    files = [f for e in spec.input.files
-             for f in ([e] if e.startswith("hf://") else expand_files([e], options, folders="://" in e))]
-    return read_rows(load_card(spec.input.catalog), files, spec.input)
+    return read_rows(load_card(spec.input.catalog), input_files(spec), spec.input)
 
 
 def input_shards(spec: JobSpec) -> Iterator[InputShard]:
@@ -61,7 +67,9 @@ def fetch_config(download: DownloadSpec, media: str = "image", concurrency: Opti
     return FetchConfig(
         timeout=download.timeout, retries=download.retries, max_bytes=download.max_bytes,
         concurrency=download.concurrency if concurrency is None else concurrency,
-        per_host_limit=download.per_host_limit, user_agent=download.user_agent,
+        per_host_limit=download.per_host_limit, per_address_limit=download.per_address_limit,
+        max_retry_wait=download.max_retry_wait, sample_deadline=download.sample_deadline,
+        max_bytes_in_flight=download.max_bytes_in_flight, user_agent=download.user_agent,
         respect_optouts=download.respect_optouts, allow_private_addresses=download.allow_private_addresses,
         allowed_networks=tuple(download.allowed_networks), media=media)
 

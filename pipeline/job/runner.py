@@ -2,7 +2,11 @@
 input shards into the sink, and record the outcome in the manifest.
 
 A shard the sink already holds is never redone, so a killed job resumes where it stopped and,
-given the same spec, produces the same shards as an uninterrupted run.
+given the same spec, produces the same shards as an uninterrupted run. A run holds the output
+directory (``sinks.lock``) so that a second one is refused, not interleaved; it refuses to resume
+over input files that changed (``manifest.check_inputs``); and a job stopped by its environment
+(a bad input file, a full disk) raises :class:`JobFailed` with one line saying why, after
+recording it in the manifest (``status: failed``), so a rerun resumes once the cause is fixed.
 """
 from __future__ import annotations
 
@@ -15,15 +19,25 @@ from typing import Any, Iterable, Iterator, Optional
 from pipeline.core import schema
 from pipeline.core.schema import Batch
 from pipeline.core.stage import JobContext, Stage
-from pipeline.executors.base import ShardOutcome
+from pipeline.executors.base import Executor, ShardOutcome
 from pipeline.job import manifest as manifests
-from pipeline.job.build import build_executor, build_sink, build_stages, input_rows, input_shards
+from pipeline.job.build import build_executor, build_sink, build_stages, input_files, input_rows, input_shards
 from pipeline.job.progress import Progress
 from pipeline.job.spec import JobSpec
+from pipeline.sinks import WebDatasetSink
+from pipeline.sinks.lock import hold
 from pipeline.sinks.storage import Directory
 from pipeline.sources.shards import InputShard
 
 log = logging.getLogger("mmcurate")
+
+# What stops a job rather than one sample: a bad input file (the readers raise ValueError, a cut
+# gzip EOFError), storage (OSError: a full disk, a lost mount). One line, and the job resumable.
+STOPPING_ERRORS = (OSError, ValueError, EOFError)
+
+
+class JobFailed(Exception):
+    """The job stopped; the message (one line) says why. The manifest records it as failed."""
 
 
 @dataclass
@@ -47,9 +61,10 @@ class JobResult:
 
 
 class Job:
-    def __init__(self, spec: JobSpec, progress: Optional[bool] = None) -> None:
+    def __init__(self, spec: JobSpec, progress: Optional[bool] = None, verify: bool = False) -> None:
         self.spec = spec
         self.show_progress = spec.execution.progress if progress is None else progress
+        self.verify = verify  # read complete shards back and check their checksums before skipping
 
     def run(self) -> JobResult:
         start = time.perf_counter()
@@ -60,27 +75,56 @@ class Job:
             for stage in stages:
                 stage.place(gpus)
         sink = build_sink(self.spec, stages)
+        sink.directory.create()
+        with hold(sink.directory):  # before open(): it sweeps temporaries, which are the holder's
+            return self._run(stages, executor, sink, start)
+
+    def _run(self, stages: list[Stage], executor: Executor, sink: WebDatasetSink, start: float) -> JobResult:
+        directory, job = sink.directory, manifests.recorded(self.spec.to_dict())
+        inputs = manifests.input_fingerprints(input_files(self.spec), self.spec.input.storage_options)
+        manifest = manifests.load(directory, job)  # refusals first: open() sweeps the directory
+        inputs = manifests.check_inputs(directory, manifest, inputs)
         removed = sink.open()
         if removed:
             log.info("removed %d partial files left by an interrupted run", removed)
-        directory, job = sink.directory, manifests.recorded(self.spec.to_dict())
-        manifest = manifests.load(directory, job)
-        manifest.update(name=self.spec.name, job=job, versions=manifests.versions(),
+        for stale in ("error", "error_input"):
+            manifest.pop(stale, None)
+        manifest.update(name=self.spec.name, job=job, versions=manifests.versions(), inputs=inputs,
                         status="running", started=manifest.get("started", manifests.now()))
         manifest["fingerprints"] = {k: fp for k, s in zip(manifests.stage_keys(stages), stages)
                                     if (fp := s.fingerprint()) is not None}
         manifests.write(directory, manifest)
-        self._prepare(stages, manifest, directory)
 
         result = JobResult(directory.url)
-        total_rows = input_rows(self.spec)
-        total_shards = None if total_rows is None else -(-total_rows // self.spec.output.samples_per_shard)
+        phase = "reading the input"
+        try:
+            self._prepare(stages, manifest, directory)
+            total_rows = input_rows(self.spec)
+            total_shards = None if total_rows is None else -(-total_rows // self.spec.output.samples_per_shard)
+            phase = "running the shards"
+            self._execute(executor, stages, sink, result, total_shards)
+            phase = f"writing the shard index ({directory.path('index.json')})"
+            index = sink.finish()
+            phase = "recording the totals"
+            self._record(sink, index, result, manifest, start)
+            manifests.write(directory, manifest)
+        except JobFailed as e:
+            raise self._failed(manifest, directory, inputs, str(e), e.__cause__) from e
+        except STOPPING_ERRORS as e:
+            raise self._failed(manifest, directory, inputs, f"{phase}: {type(e).__name__}: {e}", e) from e
+        return result
+
+    def _execute(self, executor: Executor, stages: list[Stage], sink: WebDatasetSink, result: JobResult,
+                 total_shards: Optional[int]) -> None:
         progress = Progress(total_shards, enabled=self.show_progress)
 
         def counted(shards: Iterable[InputShard]) -> Iterator[InputShard]:
-            for shard in shards:
-                result.shards_total += 1
-                yield shard
+            try:
+                for shard in shards:
+                    result.shards_total += 1
+                    yield shard
+            except STOPPING_ERRORS as e:  # the input is read as the shards run
+                raise JobFailed(f"reading the input: {type(e).__name__}: {e}") from e
 
         def on_done(outcome: ShardOutcome) -> None:
             if outcome.skipped:
@@ -96,10 +140,13 @@ class Job:
                 progress.fail()
 
         try:
-            executor.run(counted(input_shards(self.spec)), stages, sink, on_done)
+            executor.run(counted(input_shards(self.spec)), stages, sink, on_done, verify=self.verify)
         finally:
             progress.close()
-        index = sink.finish()
+
+    @staticmethod
+    def _record(sink: WebDatasetSink, index: dict[str, Any], result: JobResult, manifest: dict[str, Any],
+                start: float) -> None:
         for entry in index["shardlist"]:
             stats = sink.read_stats(int(entry["url"][:5]))
             result.status_counts.update(stats["status_counts"])
@@ -113,8 +160,25 @@ class Job:
                     "status_counts": dict(result.status_counts), "error_kinds": dict(result.error_kinds)},
             failed_shards=sorted(result.failed_shards),
         )
-        manifests.write(directory, manifest)
-        return result
+
+    @staticmethod
+    def _failed(manifest: dict[str, Any], directory: Directory, inputs: dict[str, dict], message: str,
+                cause: Optional[BaseException]) -> JobFailed:
+        """Record that the job stopped (best effort: the disk may be what is full) and say why."""
+        message = " ".join(message.split())  # one line, whatever the library's message looked like
+        log.debug("the job stopped", exc_info=True)
+        manifest.update(status="failed", error=message, finished=manifests.now())
+        # The input file at fault: the readers' InputFileError names it (.path), else the message may.
+        culprit = getattr(cause, "path", None)
+        if culprit not in inputs:
+            culprit = max((name for name in inputs if name in message), key=len, default=None)
+        if culprit:
+            manifest["error_input"] = culprit  # replacing this file is allowed on resume: it is the fix
+        try:
+            manifests.write(directory, manifest)
+        except OSError as e:
+            log.error("could not record the failure in %s: %s", directory.path(manifests.NAME), e)
+        return JobFailed(f"{message} (fix the cause and rerun the same command to resume)")
 
     # -- job-wide stage state ----------------------------------------------------------------------
     def _prepare(self, stages: list[Stage], manifest: dict[str, Any], directory: Directory) -> None:
@@ -147,5 +211,5 @@ class Job:
         return sample
 
 
-def run_job(spec: JobSpec, progress: Optional[bool] = None) -> JobResult:
-    return Job(spec, progress).run()
+def run_job(spec: JobSpec, progress: Optional[bool] = None, verify: bool = False) -> JobResult:
+    return Job(spec, progress, verify).run()

@@ -17,6 +17,7 @@ import yaml
 
 from pipeline.core.config import ConfigError, apply_override, from_dict, parse_override, to_dict
 from pipeline.executors import EXECUTORS
+from pipeline.fetch.client import DEFAULT_MAX_BYTES_IN_FLIGHT
 from pipeline.fetch.headers import DEFAULT_USER_AGENT
 from pipeline.media.geometry import MAX_PIXELS, RESIZE_MODES
 from pipeline.media.resize import ENCODE_FORMATS
@@ -46,6 +47,19 @@ class InputSpec:
 
 @dataclass
 class DownloadSpec:
+    """How samples are fetched (and images resized); the network options apply to videos too.
+
+    Retries and waits: a sample that failed in a retryable way (timeout, connection, truncated,
+    429, 5xx) is tried again up to ``retries`` times, after ``Retry-After`` or an exponential
+    backoff, each wait capped at ``max_retry_wait`` seconds; while it waits it holds no download
+    slot, so other samples (and hosts) proceed. ``sample_deadline`` bounds one sample's network time
+    plus its waits over all attempts (time queued for a slot is not counted); null: unbounded.
+    Caps: ``per_host_limit`` requests in flight to one host (its name in lower case, IDNA, without
+    a trailing dot), ``per_address_limit`` to one IP address over all its names (null: a few times
+    per_host_limit, ``pipeline.fetch.client.ADDRESS_LIMIT_PER_HOST_LIMIT``), and ``max_bytes_in_flight`` bytes of image bodies in memory at once per
+    download task (each body reserves its Content-Length, or ``max_bytes`` when the length is not
+    known; null: unbounded, i.e. concurrency x max_bytes).
+    """
     media: Literal["image", "video"] = "image"
     image_size: int = 256
     resize_mode: ResizeMode = "center_crop"
@@ -54,6 +68,8 @@ class DownloadSpec:
     encode_quality: int = 95
     timeout: float = 10.0              # seconds per request (connect + headers + body)
     retries: int = 0
+    max_retry_wait: float = 60.0       # cap on one Retry-After / backoff wait, seconds
+    sample_deadline: Optional[float] = 120.0  # network time + retry waits per sample, seconds; null: unbounded
     min_image_size: int = 0
     max_image_area: Optional[float] = None
     max_aspect_ratio: Optional[float] = None
@@ -61,6 +77,8 @@ class DownloadSpec:
     max_bytes: int = 50_000_000        # body cap, streamed
     concurrency: int = 256             # requests in flight per download task
     per_host_limit: int = 16           # concurrent requests to one host
+    per_address_limit: Optional[int] = None  # concurrent requests to one IP address; null: a few x per_host_limit
+    max_bytes_in_flight: Optional[int] = DEFAULT_MAX_BYTES_IN_FLIGHT  # image bodies in memory per task; >= max_bytes
     user_agent: str = DEFAULT_USER_AGENT
     respect_optouts: bool = True       # X-Robots-Tag noai / noimageai / noindex / noimageindex
     allow_private_addresses: bool = False
@@ -76,6 +94,15 @@ class DownloadSpec:
             raise ConfigError(f"timeout: must be > 0, got {self.timeout}")
         if self.retries < 0:
             raise ConfigError(f"retries: must be >= 0, got {self.retries}")
+        if self.max_retry_wait < 0:
+            raise ConfigError(f"max_retry_wait: must be >= 0, got {self.max_retry_wait}")
+        for name in ("sample_deadline", "per_address_limit"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}: must be > 0 or null, got {value}")
+        if self.max_bytes_in_flight is not None and self.max_bytes_in_flight < self.max_bytes:
+            raise ConfigError(f"max_bytes_in_flight: must be >= max_bytes ({self.max_bytes}) so that any body "
+                              f"fits, got {self.max_bytes_in_flight}")
         for net in self.allowed_networks:
             try:
                 ipaddress.ip_network(net, strict=False)

@@ -26,10 +26,17 @@ range) slices, a rank's epoch length is known up front, and "worker ``w`` has de
 ``s`` steps" is a complete resume point. Tar members are found by walking headers; the data of
 members that were not asked for is never read when it is larger than a read block (it is seeked
 over). A missing or corrupt shard is skipped with a warning and counted (``strict`` raises).
+
+Shards and indexes are untrusted input: a malformed ``index.json``, a count the data cannot hold or
+a shard outside the source's directory raises :class:`BadIndexError` when the dataset is built
+(``allow_outside_root=True`` lifts the last); a malformed tar raises no further than the shard
+(its remaining draws are skipped and counted); a member that does not decode (an image off the
+format whitelist or over ``max_pixels``, a bad ``.npy``) skips its sample. See ``index.py``,
+``tar.py`` and ``decode.py`` for each rule.
 """
 from pipeline.loader.dataset import Loader, ShardDataset, ShardError, SkippedDataWarning
 from pipeline.loader.decode import collate
-from pipeline.loader.index import Shard, Source, open_source, read_index
+from pipeline.loader.index import BadIndexError, Shard, Source, open_source, read_index
 
-__all__ = ["ShardDataset", "Loader", "Shard", "Source", "ShardError", "SkippedDataWarning", "read_index",
-           "open_source", "collate"]
+__all__ = ["ShardDataset", "Loader", "Shard", "Source", "ShardError", "SkippedDataWarning", "BadIndexError",
+           "read_index", "open_source", "collate"]

@@ -15,6 +15,7 @@ from pipeline.loader.decode import ImageOptions, _decode_column, _decode_value, 
 from pipeline.loader.index import Shard, Source, _open, open_source
 from pipeline.loader.plan import Plan, Segment, epoch_draws, mix_order, rank_draws, worker_ranges
 from pipeline.loader.tar import READ_BLOCK, SCAN_BLOCK, TarFormatError, _samples, _TarReader
+from pipeline.media.geometry import MAX_PIXELS
 
 STATE_VERSION = 1
 
@@ -75,7 +76,9 @@ class ShardDataset(IterableDataset):
     * ``decode``: images to CHW tensors (``image_dtype`` uint8 or float32, optional
       ``image_size`` / ``resize_mode`` as in the job spec), ``.npy`` to tensors, ``.txt`` to str,
       ``.json`` to objects, anything else stays bytes. ``decoders`` overrides per field. False
-      leaves every field as bytes.
+      leaves every field as bytes. Member bytes are untrusted: images are opened with the download
+      path's format whitelist and ``max_pixels`` cap (default the download default), read from the
+      header before any pixel is decoded; a refused or undecodable member skips its sample.
     * ``batch_size``: yield collated batches (same-shape tensors stacked, else lists); workers
       get whole batches so a rank has ceil(samples / batch_size) batches (floor with drop_last).
     * ``rank`` / ``world_size``: default from torch.distributed, else the RANK / WORLD_SIZE
@@ -83,6 +86,9 @@ class ShardDataset(IterableDataset):
     * ``shuffle``: shard order per (seed, cycle) and a window of ``shuffle_buffer`` samples per
       (seed, epoch, rank, worker, window).
     * ``strict``: raise :class:`ShardError` instead of skipping a missing or corrupt shard/sample.
+    * ``allow_outside_root``: read shards that ``index.json`` places outside the source's directory
+      (``..``, absolute paths, symlinks out, other URLs); by default such an index is refused with
+      :class:`~pipeline.loader.index.BadIndexError`, as is one with malformed or impossible counts.
 
     Every sample carries ``__key__``, ``__url__``, ``__worker__`` and ``__step__``. Resume state is
     kept when the dataset is iterated in this process or through :class:`Loader`; with a plain
@@ -95,13 +101,15 @@ class ShardDataset(IterableDataset):
                  drop_remainder: bool = False, epoch_size: Optional[int] = None, decode: bool = True,
                  image_dtype: str = "uint8", image_size: Optional[int] = None, resize_mode: str = "center_crop",
                  decoders: Optional[Mapping[str, Callable[[bytes], Any]]] = None, strict: bool = False,
-                 storage_options: Optional[dict] = None):
+                 storage_options: Optional[dict] = None, max_pixels: int = MAX_PIXELS,
+                 allow_outside_root: bool = False):
         if batch_size is not None and batch_size <= 0:
             raise ValueError("batch_size must be > 0")
         if shuffle_buffer <= 0:
             raise ValueError("shuffle_buffer must be > 0")
         roots, weights = self._split_sources(sources)
-        self.sources = [open_source(r, storage_options) for r in roots]
+        self.image = ImageOptions(image_dtype, image_size, resize_mode, max_pixels)  # checked before any I/O
+        self.sources = [open_source(r, storage_options, allow_outside_root) for r in roots]
         self.weights = weights
         self.epoch_size = epoch_size
         self.draws = epoch_draws([s.nsamples for s in self.sources], weights, epoch_size)
@@ -115,7 +123,6 @@ class ShardDataset(IterableDataset):
         self.rank, self.world_size = _resolve_rank(rank, world_size)
         self.drop_remainder = drop_remainder
         self.decode = decode
-        self.image = ImageOptions(image_dtype, image_size, resize_mode)
         self.decoders = dict(decoders or {})
         self.strict = strict
         self.storage_options = storage_options
@@ -289,20 +296,26 @@ class ShardDataset(IterableDataset):
         """Exactly ``seg.stop - seg.start`` items: ``(key, url, files)``, or None where a sample
         is missing or corrupt (so every later draw keeps its step)."""
         shard = self.sources[seg.source].shards[seg.shard]
-        done = 0
+        done, wanted = 0, seg.stop - seg.start
+        last = seg.stop == shard.nsamples  # read on past the count: a tar holding more is reported
         try:
             fast = _small_samples(shard)
             with _open(shard.url, self.storage_options) as f:
                 reader = _TarReader(f, SCAN_BLOCK if fast else READ_BLOCK)
-                for key, files in _samples(reader, seg.start, seg.stop, self.want, fast):
+                for key, files in _samples(reader, seg.start, None if last else seg.stop, self.want, fast):
+                    if done == wanted:
+                        self._problem(f"shard {shard.url}: has more samples than index.json says "
+                                      f"({shard.nsamples}); the rest are not read")
+                        break
                     done += 1
                     yield self._check_fields(key, shard.url, files)
-            if done < seg.stop - seg.start:
+            if done < wanted:
                 raise TarFormatError(f"has fewer samples than index.json says ({shard.nsamples})")
         except (OSError, TarFormatError, ValueError) as e:
-            self._problem(f"shard {shard.url}: {type(e).__name__}: {e}; skipping samples "
-                          f"{seg.start + done}..{seg.stop - 1}", e)
-            yield from (None for _ in range(seg.stop - seg.start - done))
+            skipped = f"skipping samples {seg.start + done}..{seg.stop - 1}" if done < wanted else \
+                "after the samples index.json counts"
+            self._problem(f"shard {shard.url}: {type(e).__name__}: {e}; {skipped}", e)
+            yield from (None for _ in range(wanted - done))
 
     def _check_fields(self, key: str, url: str, files: dict) -> Optional[tuple]:
         if self.want is not None and len(files) != self._nfields:
@@ -327,7 +340,8 @@ class ShardDataset(IterableDataset):
         try:
             sample = {f: self._decode_field(f, ext, data) for f, (ext, data) in files.items()}
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad sample, not a crash
-            self._problem(f"sample {key} in {url}: cannot decode: {type(e).__name__}: {e}; skipping it", e)
+            why = getattr(e, "kind", None) or type(e).__name__  # ImageRejected carries its ErrorKind
+            self._problem(f"sample {key} in {url}: cannot decode: {why}: {e}; skipping it", e)
             return None
         sample["__key__"], sample["__url__"] = key, url
         return sample

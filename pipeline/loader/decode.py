@@ -1,9 +1,14 @@
 """Decoding: member bytes to tensors (images, ``.npy`` arrays, text, json), one sample or a batch
-column at a time, and collation of decoded samples."""
+column at a time, and collation of decoded samples.
+
+Member bytes are untrusted: every image is opened with ``pipeline.media.image_open.open_image``
+(the download path's format whitelist and pixel cap, checked on the header before any pixel is
+decoded, so an EPS named ``.jpg`` never reaches Ghostscript and a bomb never allocates), and
+``.npy`` arrays with ``pipeline.media.npy`` (declared sizes are checked against the bytes, object
+arrays refused). A failure raises; the dataset turns it into a skipped sample."""
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -15,11 +20,9 @@ import torch
 from torch.utils.data import get_worker_info
 
 from pipeline.core.schema import IMAGE_EXTENSIONS
-from pipeline.media.geometry import RESIZE_MODES, plan_geometry
+from pipeline.media.geometry import MAX_PIXELS, RESIZE_MODES, plan_geometry
+from pipeline.media.image_open import open_image
 from pipeline.media.npy import npy_header, read_npy
-
-_JPEG_MAGIC = b"\xff\xd8\xff"
-
 
 def batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor for a batch. In a DataLoader worker it lives in shared memory (as
@@ -56,6 +59,7 @@ class ImageOptions:
     dtype: str = "uint8"             # "uint8" (0..255) or "float32" (0..1)
     size: Optional[int] = None       # resize with the download stage's semantics when set
     resize_mode: str = "center_crop"
+    max_pixels: int = MAX_PIXELS     # width * height cap, read from the header (as on download)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("uint8", "float32"):
@@ -64,22 +68,22 @@ class ImageOptions:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.size is not None and self.size <= 0:
             raise ValueError("image_size must be > 0")
+        if type(self.max_pixels) is not int or self.max_pixels <= 0:
+            raise ValueError(f"max_pixels must be a positive integer, got {self.max_pixels!r}")
 
 
 def decode_image(data: bytes, opts: ImageOptions) -> np.ndarray:
     """HWC uint8 RGB. With a size: the download stage's geometry for ``resize_mode``, and a JPEG is
-    decoded at 1/2, 1/4 or 1/8 scale in the IDCT when the target is that much smaller."""
-    from PIL import Image
-
-    if opts.size is None:
-        if data[:3] == _JPEG_MAGIC:
-            try:  # libjpeg-turbo without PIL's object overhead: about 2x faster at 256 px
-                return simplejpeg.decode_jpeg(data, colorspace="RGB")
-            except ValueError:
-                pass  # rarer JPEG flavours (e.g. CMYK, arithmetic coding): PIL below decides
-        with Image.open(io.BytesIO(data)) as img:
+    decoded at 1/2, 1/4 or 1/8 scale in the IDCT when the target is that much smaller. Raises
+    ``ImageRejected`` for a format off the whitelist or more than ``opts.max_pixels`` pixels."""
+    with open_image(data, opts.max_pixels) as img:  # header only: the format and the cap come first
+        if opts.size is None:
+            if img.format == "JPEG":
+                try:  # libjpeg-turbo without PIL's object overhead: about 2x faster at 256 px
+                    return simplejpeg.decode_jpeg(data, colorspace="RGB")
+                except ValueError:
+                    pass  # rarer JPEG flavours (e.g. CMYK, arithmetic coding): PIL below decides
             return np.array(img.convert("RGB"))
-    with Image.open(io.BytesIO(data)) as img:
         geometry = plan_geometry(img.size[0], img.size[1], opts.size, opts.resize_mode)
         if geometry.downscale and img.format == "JPEG":
             img.draft("RGB", geometry.resized)  # never below the requested size

@@ -1,7 +1,20 @@
 """The tar reader: walks member headers through one reusable buffer (ustar, GNU long names, pax),
-groups members into webdataset samples, and scans shards of small samples with numpy."""
+groups members into webdataset samples, and scans shards of small samples with numpy.
+
+Shards are untrusted input, so every header is checked before it is believed, and anything that
+is not a well-formed tar raises :class:`TarFormatError` (the dataset skips the rest of the shard):
+a bad checksum, a size field that is not octal (or base-256) digits, a negative or base-256
+negative size, a member whose data runs past the end of the file (wanted or not), a truncated
+header, a pax record whose length is not a positive decimal that ends on its newline inside the
+header, a pax ``size`` that is not a non-negative decimal, and pax or GNU long-name headers over
+``MAX_EXTENDED_HEADER``. Every step moves forward by at least one block, so no input loops.
+Extended headers (pax ``x``, GNU ``L``) apply to the next member only: several in a row are
+merged (the later wins), and a directory or link in between consumes them. Global pax headers
+(``g``) and GNU long link names (``K``) carry nothing a sample needs and are passed over.
+"""
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any, Iterator, Mapping, Optional
 
@@ -9,6 +22,8 @@ import numpy as np
 
 READ_BLOCK = 1 << 18  # bytes read at once around headers; bigger unwanted members are seeked over
 SCAN_BLOCK = 1 << 22  # bytes read at once for shards of small samples: ~1000 samples per numpy scan
+MIN_MEMBER_BYTES = 512  # every member takes at least its header block
+MAX_EXTENDED_HEADER = 1 << 20  # a pax or GNU long-name header bigger than this is refused, not read
 
 
 class TarFormatError(ValueError):
@@ -30,6 +45,14 @@ class _TarReader:
         self.start = 0   # file offset of buf[0]
         self.filled = 0  # valid bytes in buf
         self.eof = False  # buf ends where the file ends
+        self._size: Optional[int] = None
+
+    @property
+    def size(self) -> int:
+        """The file's length (asked once): no member may claim data past it."""
+        if self._size is None:
+            self._size = self.f.seek(0, os.SEEK_END)
+        return self._size
 
     def _fill(self, offset: int) -> None:
         self.f.seek(offset)
@@ -91,35 +114,72 @@ def _read_exact(f: Any, size: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for huge numbers
+def _octal(field: bytes, what: str = "number") -> int:
+    """A header number: octal digits (optionally space-padded, NUL-ended) or GNU base-256. A sign,
+    an underscore or a negative base-256 value is refused: a negative size would walk backwards."""
+    if field[:1] and field[0] & 0x80:
+        if field[0] != 0x80:  # 0xff is a negative base-256 number; other high bytes are not numbers
+            raise TarFormatError(f"bad {what} field {bytes(field)!r}: negative or not a number")
         return int.from_bytes(field[1:], "big")
-    digits = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(digits, 8) if digits else 0
-    except ValueError:
-        raise TarFormatError(f"bad number field {field!r}") from None
+    digits = field.split(b"\0", 1)[0].strip(b" ")
+    if digits.isdigit():  # ASCII digits only: no sign, space or underscore reaches int()
+        try:
+            return int(digits, 8)
+        except ValueError:  # an 8 or a 9
+            pass
+    elif not digits:
+        return 0
+    raise TarFormatError(f"bad {what} field {bytes(field)!r}: not octal digits")
 
 
 def _checksum_ok(block: memoryview) -> bool:
-    """The header checksum; only checked for pre-POSIX (v7) headers, which have no magic."""
-    raw = bytes(block)
+    """The header checksum (the unsigned byte sum, or the signed one some old writers used)."""
+    field = bytes(block[148:156])
     try:
-        stored = int(raw[148:156].split(b"\0", 1)[0].strip(), 8)
-    except ValueError:
+        stored = _octal(field)
+    except TarFormatError:
         return False
-    return stored == sum(raw[:148]) + 256 + sum(raw[156:])
+    array = np.frombuffer(block, np.uint8)  # numpy sums the block about 3x faster than sum()
+    unsigned = int(array.sum()) - sum(field) + 256
+    if stored == unsigned:
+        return True
+    high = int(np.count_nonzero(array > 127)) - sum(1 for b in field if b > 127)
+    return stored == unsigned - 256 * high
 
 
-def _pax_records(data: bytes) -> dict[str, str]:
+def _pax_records(data: bytes, offset: int) -> dict[str, str]:
+    """The ``LENGTH KEY=VALUE\\n`` records of a pax header whose data starts at byte ``offset``.
+    LENGTH counts the whole record, so it must be a positive decimal that ends on the record's
+    newline inside the header (0 or a negative value would never move on). NUL padding may follow."""
     out, pos = {}, 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
-        pos += length
+    while pos < len(data) and data[pos]:
+        where = f"pax record at byte {offset + pos}"
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space]
+        if space < 0 or not digits.isdigit():
+            raise TarFormatError(f"{where}: length {data[pos:pos + 21]!r} is not a decimal number")
+        end = pos + int(digits)
+        if end > len(data) or end <= space + 1 or data[end - 1] != 0x0A:
+            raise TarFormatError(f"{where}: length {int(digits)} does not end on a newline within "
+                                 f"the {len(data)}-byte header")
+        key, eq, value = data[space + 1:end - 1].partition(b"=")
+        try:
+            if not eq or not key:
+                raise ValueError("no KEY=VALUE")
+            out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        except ValueError as e:
+            raise TarFormatError(f"{where}: {data[space + 1:end - 1][:60]!r} is not KEY=VALUE: {e}") from None
+        pos = end
+    if data[pos:].strip(b"\0"):
+        raise TarFormatError(f"pax header at byte {offset}: data after the NUL padding")
     return out
+
+
+def _pax_size(pax: dict[str, str], offset: int) -> int:
+    value = pax["size"]
+    if not (value.isascii() and value.isdigit()):
+        raise TarFormatError(f"pax size {value!r} of the member at byte {offset} is not a non-negative integer")
+    return int(value)
 
 
 def _members(reader: _TarReader, offset: int = 0) -> Iterator[tuple[str, int, int, int]]:
@@ -132,19 +192,16 @@ def _members(reader: _TarReader, offset: int = 0) -> Iterator[tuple[str, int, in
         if block is None or block == _ZERO_BLOCK:  # end of archive (a missing end marker is tolerated)
             return
         name, size_field, typeflag, magic, prefix = _HEADER.unpack_from(block)
-        if magic[:5] != b"ustar" and not _checksum_ok(block):
-            raise TarFormatError(f"not a tar header at byte {offset}")
-        digits = size_field.split(b"\0", 1)[0]
-        try:
-            size = int(digits, 8) if digits.isdigit() else _octal(size_field)  # fast path: plain octal
-        except ValueError:
-            raise TarFormatError(f"bad size field {size_field!r} at byte {offset}") from None
+        if not _checksum_ok(block):
+            raise TarFormatError(f"not a tar header at byte {offset} (bad checksum)")
+        size = _octal(size_field, f"size (header at byte {offset})")
         data = offset + 512
-        offset = data + (size + 511) // 512 * 512
-        if typeflag in b"0\x007":  # regular file (b"" cannot occur: the field is one byte)
-            if "size" in pax:
-                size = int(pax["size"])
-                offset = data + (size + 511) // 512 * 512
+        if typeflag in b"0\x007" and "size" in pax:  # regular file (b"" cannot occur: the field is one byte)
+            size = _pax_size(pax, offset)
+        if data + size > reader.size:
+            raise TarFormatError(f"member at byte {offset} declares {size} bytes of data, past the end "
+                                 f"of the {reader.size}-byte file")
+        if typeflag in b"0\x007":
             if long_name is not None:
                 path = long_name
             elif "path" in pax:
@@ -153,14 +210,20 @@ def _members(reader: _TarReader, offset: int = 0) -> Iterator[tuple[str, int, in
                 path = name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 if magic == b"ustar\x00" and prefix[0]:
                     path = prefix.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + path
+            offset = data + (size + 511) // 512 * 512
             yield path, data, size, head
             long_name, pax, head = None, {}, offset
-        elif typeflag == b"L":
+            continue
+        if typeflag in b"Lx" and size > MAX_EXTENDED_HEADER:
+            raise TarFormatError(f"extended header at byte {offset} is {size} bytes (the limit is "
+                                 f"{MAX_EXTENDED_HEADER})")
+        if typeflag == b"L":
             long_name = reader.read(data, size).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif typeflag == b"x":
-            pax = _pax_records(reader.read(data, size))
-        else:  # directories, links, global pax headers ('g') and the like carry no sample data
-            head = offset
+            pax.update(_pax_records(reader.read(data, size), data))
+        offset = data + (size + 511) // 512 * 512
+        if typeflag not in b"LxgK":  # a directory, link or device: the extended headers were its own
+            long_name, pax, head = None, {}, offset
 
 
 def split_name(path: str) -> tuple[str, str]:
@@ -243,7 +306,7 @@ def _scan_samples(reader: _TarReader, lo: int, hi: Optional[int],
                 return
             if index >= lo:
                 yield key, {f: (ext, view[offs[j] - base:offs[j] - base + sizes[j]].tobytes())
-                            for f, (ext, offs, sizes) in fields.items() if offs[j] >= 0}
+                            for f, ext, offs, sizes in fields if offs[j] >= 0}
 
 
 _USTAR = np.frombuffer(b"ustar", np.uint8)
@@ -267,6 +330,7 @@ def _plain_members(blocks: np.ndarray, at_eof: bool) -> Optional[tuple[np.ndarra
     good = ((digits >= 0) & (digits < 8)).all(1) & ((h[:, 135] == 0) | (h[:, 135] == 32))  # 11 octal digits
     good &= ((h[:, 156] == 48) | (h[:, 156] == 0)) & (h[:, 345] == 0)  # regular file, no name prefix
     good &= nxt <= n
+    good &= _checksums_ok(h)
     good[1:] &= nxt[:-1] == heads[1:]
     m = len(good) if good.all() else int(np.argmin(good))
     if m == 0:
@@ -276,11 +340,27 @@ def _plain_members(blocks: np.ndarray, at_eof: bool) -> Optional[tuple[np.ndarra
     return heads[:m], sizes[:m], ends
 
 
+_POW8_6 = _POW8[-6:]
+
+
+def _checksums_ok(h: np.ndarray) -> np.ndarray:
+    """Per header block: the checksum in the common layouts (six or seven octal digits, then a
+    NUL or space) matches the byte sum. Any other layout is left to the header walk."""
+    digits = h[:, 148:155].astype(np.int64) - 48
+    octal = (digits >= 0) & (digits < 8)
+    end = (h[:, 154:156] == 0) | (h[:, 154:156] == 32)
+    six, seven = octal[:, :6].all(1) & end[:, 0], octal.all(1) & end[:, 1]
+    stored = np.where(seven, digits.clip(0, 7) @ _POW8[-7:], digits[:, :6].clip(0, 7) @ _POW8_6)
+    total = h.sum(1, dtype=np.int64) - h[:, 148:156].sum(1, dtype=np.int64) + 256
+    return (six | seven) & (stored == total)
+
+
 def _scan(reader: _TarReader, offset: int, want: Mapping[str, str]
-          ) -> Optional[tuple[list[str], dict[str, tuple[str, list[int], list[int]]], Optional[int]]]:
+          ) -> Optional[tuple[list[str], list[tuple[str, str, list[int], list[int]]], Optional[int]]]:
     """The complete samples in the buffered blocks from ``offset``, found with numpy: keys, per
-    field (ext, data offsets, sizes; -1 where absent) and the next sample's header offset (None at
-    the end). None when the members there are not plain (long or dotted paths, pax headers...)."""
+    wanted extension (field, ext, data offsets, sizes; -1 where absent) and the next sample's
+    header offset (None at the end). None when the members there are not plain (long or dotted
+    paths, pax headers...)."""
     blocks, at_eof = reader.blocks(offset)
     found = _plain_members(blocks, at_eof)
     if found is None:
@@ -302,7 +382,7 @@ def _scan(reader: _TarReader, offset: int, want: Mapping[str, str]
         return None
     stop = starts[count] if count < len(starts) else len(heads)
     sample = np.cumsum(new[:stop]) - 1
-    fields = {}
+    fields = []  # one entry per extension: several may feed one field ("jpg;png")
     for ext, field in want.items():
         target = np.frombuffer(ext.encode() + b"\0", np.uint8)
         cols = np.minimum(dot[:stop, None] + 1 + np.arange(len(target)), 99)
@@ -310,7 +390,7 @@ def _scan(reader: _TarReader, offset: int, want: Mapping[str, str]
         offs, lens = np.full(count, -1, np.int64), np.zeros(count, np.int64)
         offs[sample[hits]] = offset + (heads[hits] + 1) * 512
         lens[sample[hits]] = sizes[hits]
-        fields[field] = (ext, offs.tolist(), lens.tolist())
+        fields.append((field, ext, offs.tolist(), lens.tolist()))
     key_bytes = np.ascontiguousarray(keys[starts[:count]]).view("S100").ravel().tolist()
     nxt = None if count == len(starts) else offset + int(heads[stop]) * 512
     return [k.decode("utf-8", "surrogateescape") for k in key_bytes], fields, nxt

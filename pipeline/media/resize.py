@@ -25,8 +25,10 @@ Where we deliberately differ from img2dataset:
 * Output is always 8-bit RGB: grayscale, CMYK, palette and 16-bit inputs are converted (16-bit
   is scaled, not clipped). img2dataset keeps grayscale, and OpenCV's jpg encoder drops 16-bit
   samples to 8 bits without scaling.
-* The pixel cap and the size rules are checked on the header, before decoding; a truncated
-  image is a ``decode_error`` (OpenCV pads it with grey and accepts it).
+* The pixel cap and the size rules are checked on the headers, before decoding (the cap on
+  every size a decoder will allocate: :mod:`pipeline.media.image_open`); a truncated image,
+  a JPEG whose scans stop early included, is a ``decode_error`` (OpenCV pads it with grey and
+  accepts it).
 * An output the encoder cannot hold (keep_ratio on a 1000x3 strip: 85333 px wide > JPEG's 65535)
   or larger than ``max_pixels`` is ``encode_error``, refused before resizing (img2dataset fails
   the same images in ``cv2.imencode``, after the work).
@@ -50,6 +52,7 @@ from PIL import Image
 
 from pipeline.core.schema import ErrorKind, error_kind
 from pipeline.media.geometry import MAX_PIXELS, RESIZE_MODES, Geometry, plan_geometry
+from pipeline.media.image_open import ImageRejected, open_image
 
 ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}  # member extension -> PIL encoder
 # Largest side each encoder accepts (JPEG: 16-bit header fields; WebP: 14 bits).
@@ -58,12 +61,6 @@ PNG_DEFAULT_LEVEL = 6
 _WHITE = {"RGB": (255, 255, 255), "L": 255}
 _JPEG_FORMATS = ("JPEG", "MPO")
 
-# Formats we decode. A whitelist, because PIL can also open formats that shell out (EPS runs
-# Ghostscript) or that nobody serves as a web image. MPO (camera multi-picture) opens as JPEG.
-_WANTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "DIB", "TIFF", "PPM",
-                   "ICO", "JPEG2000")
-Image.init()  # register every plugin once, at import, not lazily inside worker threads
-INPUT_FORMATS = tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
 
 # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).
 _TRANSPOSE = {
@@ -284,11 +281,8 @@ def _encode(img: Image.Image, config: ResizeConfig) -> bytes:
 
 
 def _process(data: bytes, config: ResizeConfig, result: ResizeResult) -> None:
-    with Image.open(io.BytesIO(data), formats=INPUT_FORMATS) as img:
+    with open_image(data, config.max_pixels) as img:
         stored_w, stored_h = img.size
-        if stored_w * stored_h > config.max_pixels:
-            raise _Reject(ErrorKind.DECOMPRESSION_BOMB,
-                          f"{stored_w}x{stored_h} = {stored_w * stored_h} pixels > max_pixels {config.max_pixels}")
         orientation = _orientation(img)
         w, h = (stored_h, stored_w) if orientation in _SWAPS_AXES else (stored_w, stored_h)
         result.original_width, result.original_height = w, h
@@ -315,12 +309,10 @@ def resize_image(data: bytes, config: ResizeConfig) -> ResizeResult:
     result = ResizeResult(False, None, None, None, None, None, None, None)
     try:
         _process(data, config, result)
-    except _Reject as e:
+    except (_Reject, ImageRejected) as e:
         _fail(result, e.kind, str(e))
     except Image.DecompressionBombError as e:  # PIL's own backstop (2x MAX_IMAGE_PIXELS)
         _fail(result, ErrorKind.DECOMPRESSION_BOMB, str(e))
-    except Image.UnidentifiedImageError:
-        _fail(result, ErrorKind.DECODE_ERROR, f"not an image in a supported format ({', '.join(INPUT_FORMATS)})")
     except Exception as e:  # noqa: BLE001 - any decoder failure is a per-sample status
         _fail(result, ErrorKind.DECODE_ERROR, f"{type(e).__name__}: {e}")
     return result

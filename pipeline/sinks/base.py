@@ -10,6 +10,10 @@ which shards are already done.
                                 commit one settled shard (see ``schema.settle``); its stats are
                                 written last and are the commit marker; returns them as written
     read_stats(shard_id)        the stats of a complete shard
+    verified_stats(shard_id, checksums, status)
+                                the stats of a complete shard about to be skipped, once its files
+                                are checked to be as written; raises DamagedShard (and un-commits
+                                the shard) when they are not, so the shard is redone
     read_status(shard_id)       the status table of a complete shard (ordered stages replay it)
     finish() -> index           after the last shard: whatever spans shards (the shard index)
 
@@ -23,6 +27,10 @@ from typing import Any
 
 from pipeline.core.schema import Batch
 from pipeline.sinks.storage import Directory
+
+
+class DamagedShard(Exception):
+    """A complete shard whose files are no longer as written (truncated, changed, unreadable)."""
 
 
 class Sink(ABC):
@@ -48,6 +56,15 @@ class Sink(ABC):
 
     @abstractmethod
     def read_status(self, shard_id: int) -> Batch: ...
+
+    def verified_stats(self, shard_id: int, checksums: bool = False, status: bool = False) -> dict[str, Any]:
+        """The stats of complete shard ``shard_id``, if it can be skipped: ``checksums`` asks to
+        read its files back and compare their checksums, ``status`` that its status table be
+        readable (it will be replayed). A sink that records nothing to check only reads the stats."""
+        try:
+            return self.read_stats(shard_id)
+        except (OSError, ValueError) as e:
+            raise DamagedShard(f"its stats cannot be read ({e})") from e
 
     @abstractmethod
     def finish(self) -> dict[str, Any]: ...

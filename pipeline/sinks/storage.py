@@ -99,7 +99,24 @@ class Directory:
                 entries = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._path(), detail=False)]
             except FileNotFoundError:
                 return []
-        return sorted(n for n in entries if fnmatch.fnmatchcase(n, pattern) and not n.startswith("."))
+        return sorted(n for n in entries if _listed(n, pattern))
+
+    def sizes(self, pattern: str = "*") -> dict[str, int]:
+        """``{name: bytes}`` of the files :meth:`names` lists, from one listing (an object store's
+        listing carries the sizes; on disk, one stat per entry)."""
+        if self.local:
+            try:
+                with os.scandir(self.local) as entries:
+                    return {e.name: e.stat().st_size for e in entries if e.is_file() and _listed(e.name, pattern)}
+            except FileNotFoundError:
+                return {}
+        self.fs.invalidate_cache(self._path())
+        try:
+            infos = self.fs.ls(self._path(), detail=True)
+        except FileNotFoundError:
+            return {}
+        named = ((i["name"].rstrip("/").rsplit("/", 1)[-1], i) for i in infos if i.get("type") != "directory")
+        return {n: int(i["size"]) for n, i in named if _listed(n, pattern)}
 
     # -- writing -----------------------------------------------------------------------------------
     def create(self) -> None:
@@ -134,6 +151,11 @@ class Directory:
         if self.protocol in ("s3", "s3a"):
             return _abort_multipart_uploads(self.fs, self._path())
         return 0
+
+
+def _listed(name: str, pattern: str) -> bool:
+    """Whether a listing shows ``name``: it matches and is not hidden (temporaries, the lock)."""
+    return fnmatch.fnmatchcase(name, pattern) and not name.startswith(".")
 
 
 def _abort_multipart_uploads(fs: Any, path: str) -> int:

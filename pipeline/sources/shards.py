@@ -3,11 +3,28 @@
 Shard ``i`` always holds input rows ``[i*S, (i+1)*S)`` (S = ``samples_per_shard``), with keys
 ``{shard:05d}{row:04d}``. Every row is validated here; a malformed row becomes a per-row failure
 (``invalid_input`` with its error kind), never an exception, so the shard still runs.
+
+Every value leaving here is one that the stages and the writer can take, whatever the input held:
+
+* ``url`` and ``caption`` are ``str`` or None. A caption that is a number or a bool becomes its
+  ``str()`` (as img2dataset does) and NaN (pandas' missing value) None; a list or an object is a
+  ``malformed_row`` naming the column (a list of captions is no one caption). A URL that is not a
+  string is a ``bad_url`` (None, NaN or blank: ``missing_url``). A failed row keeps a readable
+  text of the value it held.
+* other columns hold JSON values that the status table can store too: dates and times become
+  ISO-8601 text, other objects (decimals, durations) and integers beyond int64 their ``str()``,
+  an empty object null; bytes, and undecodable bytes in strings, inside lists and objects become
+  text with replacement characters.
 """
 from __future__ import annotations
 
+import datetime
+import json
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
 
 from pipeline.core import schema
 from pipeline.core.config import ConfigError
@@ -54,14 +71,16 @@ def table_chunks(files: list[str], input_spec: Any) -> Iterator[dict[str, list]]
 def _row_problem(url: Any, caption: Any, start: Any, end: Any, invalid: Any) -> Optional[tuple[str, str]]:
     if invalid:
         return ErrorKind.MALFORMED_ROW, str(invalid)
-    if url is None or (isinstance(url, str) and not url.strip()):
+    if url is None or _is_nan(url) or (isinstance(url, str) and not url.strip()):
         return ErrorKind.MISSING_URL, "the row has no URL"
     if isinstance(url, bytes) or isinstance(caption, bytes):
         return ErrorKind.INVALID_UTF8, "the URL or caption is not valid UTF-8"
     if not isinstance(url, str):
-        return ErrorKind.MISSING_URL, f"the URL is not a string: {url!r}"[:200]
+        return ErrorKind.BAD_URL, _not_text(schema.URL, url)
     if not url.strip().lower().startswith(("http://", "https://")):
         return ErrorKind.BAD_SCHEME, f"only http(s) URLs are fetched: {url[:100]!r}"
+    if isinstance(caption, (list, tuple, dict)):
+        return ErrorKind.MALFORMED_ROW, _not_text(schema.CAPTION, caption)
     if start is not None or end is not None:
         try:
             s = 0.0 if start is None else float(start)
@@ -71,6 +90,63 @@ def _row_problem(url: Any, caption: Any, start: Any, end: Any, invalid: Any) -> 
         if s < 0 or (e is not None and e <= s):
             return ErrorKind.BAD_SPAN, f"clip span {start!r}..{end!r} is empty or negative"
     return None
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _not_text(column: str, value: Any) -> str:
+    return f"column {column!r} holds a {type(value).__name__}, not text: {_text(value)}"[:200]
+
+
+def _text(value: Any) -> Optional[str]:
+    """What a URL or caption cell shows: text as it is, NaN as None, bytes decoded with
+    replacement characters, a list or object as JSON, anything else its ``str()``."""
+    if value is None or isinstance(value, str):
+        return value
+    if _is_nan(value):
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(_json_value(value), ensure_ascii=False)
+    return str(value)
+
+
+_JSON_SCALARS = (str, float, bool, type(None))
+_INT64 = (-(1 << 63), (1 << 63) - 1)  # what an Arrow column infers for Python ints
+
+
+def _json_value(value: Any, top: bool = True) -> Any:
+    """``value`` made of JSON values only, which the status table can also store (see the module
+    docstring); top-level bytes stay bytes (the writer decodes those itself, and the planner
+    flags an undecodable URL or caption)."""
+    if isinstance(value, str) and not top and not value.isascii():
+        return _repaired(value)
+    if isinstance(value, _JSON_SCALARS) or (top and isinstance(value, bytes)):
+        return value
+    if isinstance(value, int):
+        return value if _INT64[0] <= value <= _INT64[1] else str(value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return _json_value(value.tolist(), top)
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, False) for v in value]
+    if isinstance(value, dict):  # {} is null: Parquet cannot store a struct without fields
+        return {str(k): _json_value(v, False) for k, v in value.items()} or None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime.datetime is a date
+        return value.isoformat()
+    return str(value)
+
+
+def _repaired(text: str) -> str:
+    """``text`` with undecodable bytes (and, defensively, any lone surrogate) replaced by U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def plan_shards(chunks: Iterable[dict[str, list]], samples_per_shard: int,
@@ -114,15 +190,15 @@ def _shard(shard_id: int, rows: list[dict], size: int) -> InputShard:
     }
     names = [k for k in dict.fromkeys(k for r in rows for k in r) if k != INVALID]
     for name in names:
-        batch[name] = [r.get(name) for r in rows]
+        text = name in (schema.URL, schema.CAPTION)  # made text below, after validation
+        batch[name] = [r.get(name) if text else _json_value(r.get(name)) for r in rows]
+    batch.setdefault(schema.URL, [None] * n)
     batch.setdefault(schema.CAPTION, [None] * n)
     for i, r in enumerate(rows):
         problem = _row_problem(r.get(schema.URL), r.get(schema.CAPTION), r.get(schema.CLIP_START),
                                r.get(schema.CLIP_END), r.get(INVALID))
         if problem:
             schema.mark(batch, i, *problem)
-            # keep what can be shown: undecodable values are stored with replacement characters
-            for col in (schema.URL, schema.CAPTION):
-                if isinstance(batch[col][i], bytes):
-                    batch[col][i] = batch[col][i].decode("utf-8", "replace")
+        for col in (schema.URL, schema.CAPTION):  # text or None from here on, failed rows included
+            batch[col][i] = _text(batch[col][i])
     return InputShard(shard_id, batch)

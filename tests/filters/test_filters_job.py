@@ -60,7 +60,8 @@ def server():
 def job_spec(tmp_path, server, name="filtered", **execution):
     urls = tmp_path / "urls.parquet"
     _, table = rows()
-    pq.write_table(pa.table({"url": [server.url(p) for p, _ in table], "caption": [c for _, c in table]}), urls)
+    if not urls.exists():  # rewriting it would change its mtime, and a resume refuses changed input
+        pq.write_table(pa.table({"url": [server.url(p) for p, _ in table], "caption": [c for _, c in table]}), urls)
     data = {"name": name, "input": {"files": [str(urls)]},
             "download": {"image_size": 64, "allow_private_addresses": True, "timeout": 5, "concurrency": 8},
             "filters": FILTERS, "output": {"dir": str(tmp_path / name), "samples_per_shard": 16},

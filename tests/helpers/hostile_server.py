@@ -64,12 +64,27 @@ Cases (name: what the server does -> status / error kind):
     optout_slow_body                noai, then a 1.2 MB body over ~1.2 s; the server records how much
                                     it sent (state.sent / state.finished)     -> opted_out
 
+  Content-Encoding (the client decodes gzip/deflate itself; see pipeline.fetch):
+    ok_gzip                         a JPEG, really gzipped, Content-Encoding: gzip   -> success
+    ok_deflate                      a JPEG in a zlib stream, Content-Encoding: deflate -> success
+    ok_gzip_mislabelled             a plain JPEG labelled Content-Encoding: gzip (no gzip magic:
+                                    taken as identity)                              -> success
+    gzip_corrupt                    the gzip magic, then garbage                    -> bad_encoding
+    gzip_bomb                       32 KB of gzip that inflates to 32 MB (a JPEG head, then zeros)
+                                                                                    -> too_large
+
 Instrumented endpoints (not cases):
     server.retry_url(key, fails=1, status=429, after="1")  fails ``fails`` times, then a JPEG;
         ``after`` is the Retry-After value ("" for none, "date:N" for an HTTP-date N s ahead);
         ``server.state.attempts[key]`` counts the requests.
     server.counted_url(group, delay=0.1, host="127.0.0.1")  a JPEG after ``delay`` s; the server
         tracks requests in flight: state.max_in_flight[group] and state.max_in_flight[(group, host)].
+    server.retry_url(..., host="h.test")  the same, addressed to a made-up name (a lookup maps it).
+    server.redirect_to(location)  a 302 to ``location``, verbatim (hostile Location values).
+    server.raw_url(response)  these bytes, verbatim, as the whole response (malformed headers).
+    server.large_url(key, size, chunked=False, pause=0)  a ``size``-byte JPEG-headed body in 64 KB
+        chunks, ``pause`` s apart, with Content-Length unless ``chunked``.
+    state.log  (kind, key, host) per request to retry / counted / large, in arrival order.
     server.url(path)  any path above; state.requests[path] counts requests per path.
 """
 from __future__ import annotations
@@ -77,6 +92,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
+import gzip
 import io
 import random
 import socket
@@ -175,6 +191,15 @@ def _mp4() -> Optional[bytes]:
     return buf.getvalue()
 
 
+def _gzip_bomb(size: int = 32 << 20) -> bytes:
+    """gzip of a JPEG head then ``size`` zero bytes (about 1000:1), compressed block by block."""
+    comp = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    parts = [comp.compress(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00")]
+    parts += [comp.compress(block) for _ in range(size >> 20)]
+    return b"".join(parts) + comp.flush()
+
+
 @functools.lru_cache(maxsize=None)
 def media_samples() -> dict[str, bytes]:
     """Every generated body, by name (deterministic: fixed seeds)."""
@@ -207,6 +232,7 @@ def media_samples() -> dict[str, bytes]:
         "bomb_png": bomb_png(),
         "html_200": b"<!DOCTYPE html><html><head><title>Not found</title></head><body>gone</body></html>",
         "text_200": b"This image is no longer available.\n",
+        "gzip_bomb": _gzip_bomb(),
     }
     video = _mp4()
     if video is not None:
@@ -227,6 +253,7 @@ class ServerState:
         self.finished: set[str] = set()          # streaming handlers that wrote their whole body
         self.in_flight: Counter = Counter()      # group and (group, host) -> requests being served
         self.max_in_flight: Counter = Counter()
+        self.log: list[tuple[str, str, str]] = []  # (endpoint, key, host) per instrumented request
 
     def reset(self) -> None:
         self.__init__()
@@ -235,10 +262,23 @@ class ServerState:
 class HostileServer(LocalServer):
     def __init__(self) -> None:
         self.state = ServerState()
+        self.raw_responses: list[bytes] = []  # raw_url(): served verbatim
         super().__init__()
 
-    def retry_url(self, key: str, fails: int = 1, status: int = 429, after: str = "1") -> str:
-        return self.url("retry?" + urlencode(dict(key=key, fails=fails, status=status, after=after)))
+    def retry_url(self, key: str, fails: int = 1, status: int = 429, after: str = "1",
+                  host: str = "127.0.0.1") -> str:
+        query = urlencode(dict(key=key, fails=fails, status=status, after=after))
+        return f"http://{host}:{self.port}/retry?{query}"
+
+    def redirect_to(self, location: str) -> str:
+        return self.url("redirect_to?" + urlencode(dict(location=location)))
+
+    def raw_url(self, response: bytes) -> str:
+        self.raw_responses.append(response)
+        return self.url(f"raw?n={len(self.raw_responses) - 1}")
+
+    def large_url(self, key: str, size: int, chunked: bool = False, pause: float = 0.0) -> str:
+        return self.url("large?" + urlencode(dict(key=key, size=size, chunked=int(chunked), pause=pause)))
 
     def counted_url(self, group: str, delay: float = 0.1, host: str = "127.0.0.1", n: int = 0) -> str:
         return f"http://{host}:{self.port}/counted?" + urlencode(dict(group=group, delay=delay, n=n))
@@ -306,6 +346,7 @@ def _handlers(server: HostileServer, media: dict[str, bytes]) -> dict[str, objec
         q = request.query
         key = q["key"]
         state.attempts[key] += 1
+        state.log.append(("retry", key, request.host.rsplit(":", 1)[0]))
         if state.attempts[key] > int(q.get("fails", 1)):
             return web.Response(body=jpeg, content_type="image/jpeg")
         after = q.get("after", "")
@@ -317,6 +358,7 @@ def _handlers(server: HostileServer, media: dict[str, bytes]) -> dict[str, objec
     async def counted(request):
         group = request.query["group"]
         keys = (group, (group, request.host.rsplit(":", 1)[0]))
+        state.log.append(("counted", group, keys[1][1]))
         for k in keys:
             state.in_flight[k] += 1
             state.max_in_flight[k] = max(state.max_in_flight[k], state.in_flight[k])
@@ -326,6 +368,32 @@ def _handlers(server: HostileServer, media: dict[str, bytes]) -> dict[str, objec
         finally:
             for k in keys:
                 state.in_flight[k] -= 1
+
+    async def redirect_to(request):
+        return web.Response(status=302, headers={"Location": request.query["location"]})
+
+    async def raw(request):
+        request.transport.write(server.raw_responses[int(request.query["n"])])  # malformed included
+        request.transport.close()
+        return web.Response()
+
+    async def large(request):
+        key, size = request.query["key"], int(request.query["size"])
+        state.log.append(("large", key, request.host.rsplit(":", 1)[0]))
+        resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        if request.query.get("chunked") != "1":
+            resp.content_length = size
+        await resp.prepare(request)
+        pause, zeros = float(request.query.get("pause", 0)), bytes(65536)
+        for i in range(0, size, 65536):  # chunk by chunk: the server's memory is not the client's
+            chunk = zeros[:min(65536, size - i)]
+            await resp.write(jpeg[:64] + chunk[64:] if i == 0 else chunk)
+            await asyncio.sleep(pause)  # slow: every body is in flight at once
+        await resp.write_eof()
+        return resp
+
+    def encoded(body: bytes, coding: str):
+        return _static(body, headers={"Content-Encoding": coding})
 
     def robots(*values: str):
         return _static(jpeg, headers=CIMultiDict(("X-Robots-Tag", v) for v in values))
@@ -371,6 +439,14 @@ def _handlers(server: HostileServer, media: dict[str, bytes]) -> dict[str, objec
                                       headers={"Content-Type": "image/jpeg", "X-Robots-Tag": "noai"}),
         "retry": retry,
         "counted": counted,
+        "redirect_to": redirect_to,
+        "large": large,
+        "raw": raw,
+        "ok_gzip": encoded(gzip.compress(media["ok_jpeg_2"]), "gzip"),
+        "ok_deflate": encoded(zlib.compress(media["ok_jpeg_3"]), "deflate"),
+        "ok_gzip_mislabelled": encoded(jpeg, "gzip"),
+        "gzip_corrupt": encoded(b"\x1f\x8b\x08\x00" + media["random_bytes"], "gzip"),
+        "gzip_bomb": encoded(media["gzip_bomb"], "gzip"),
     })
     for i in range(1, 8):
         handlers[f"redirect/many{i}"] = _redirect(f"/redirect/many{i + 1}" if i < 7 else "/ok_jpeg", 302)
@@ -388,6 +464,11 @@ def _cases(server: HostileServer, media: dict[str, bytes]) -> dict[str, Case]:
     cases += [
         Case("ok_wrong_content_type", url("ok_wrong_content_type"), ok, None, "image/jpeg", (320, 240)),
         Case("ok_redirect_chain", url("redirect/chain1"), ok, None, "image/jpeg", (320, 240)),
+        Case("ok_gzip", url("ok_gzip"), ok, None, "image/jpeg", (640, 480)),
+        Case("ok_deflate", url("ok_deflate"), ok, None, "image/jpeg", (200, 300)),
+        Case("ok_gzip_mislabelled", url("ok_gzip_mislabelled"), ok, None, "image/jpeg", (320, 240)),
+        Case("gzip_corrupt", url("gzip_corrupt"), dl, "bad_encoding"),
+        Case("gzip_bomb", url("gzip_bomb"), dl, "too_large"),
         Case("optout_scoped_other", url("optout_scoped_other"), ok, None, "image/jpeg", (320, 240)),
         Case("optout_unrelated", url("optout_unrelated"), ok, None, "image/jpeg", (320, 240)),
         Case("jpeg_garbage", url("jpeg_garbage"), dec, "decode_error", "image/jpeg"),

@@ -42,3 +42,30 @@ def test_bad_override_is_reported(tmp_path):
         load_job(path, ["download.timeout=soon"])
     with pytest.raises(ConfigError, match="expected KEY.SUB=VALUE"):
         load_job(path, ["download.timeout"])
+
+
+@pytest.mark.parametrize("download, message", [
+    ("{max_retry_wait: -1}", "download.max_retry_wait: must be >= 0, got -1"),
+    ("{sample_deadline: 0}", "download.sample_deadline: must be > 0 or null, got 0"),
+    ("{per_address_limit: 0}", "download.per_address_limit: must be > 0 or null, got 0"),
+    ("{max_bytes_in_flight: 1000}", "download.max_bytes_in_flight: must be >= max_bytes (50000000) so that any "
+                                    "body fits, got 1000"),
+    ("{max_bytes_in_flight: lots}", "download.max_bytes_in_flight: expected an integer"),
+])
+def test_download_waits_and_budgets_are_validated(tmp_path, download, message):
+    with pytest.raises(ConfigError) as e:
+        load_job(write(tmp_path, f"input: {{files: [a.csv]}}\ndownload: {download}\n"))
+    assert message in str(e.value)
+
+
+def test_download_waits_and_budgets_reach_the_fetcher(tmp_path):
+    from pipeline.job.build import fetch_config
+
+    spec = load_job(write(tmp_path, "input: {files: [a.csv]}\n"))
+    d = spec.download
+    assert (d.max_retry_wait, d.sample_deadline, d.per_address_limit, d.max_bytes_in_flight) == (60.0, 120.0, None, 1 << 30)
+    spec = load_job(write(tmp_path, "input: {files: [a.csv]}\ndownload: {max_retry_wait: 5, sample_deadline: null, "
+                                    "per_address_limit: 8, max_bytes_in_flight: null}\n"))
+    fetch = fetch_config(spec.download)
+    assert (fetch.max_retry_wait, fetch.sample_deadline, fetch.per_address_limit, fetch.max_bytes_in_flight) == (
+        5, None, 8, None)

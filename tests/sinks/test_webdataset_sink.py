@@ -119,3 +119,12 @@ def test_a_sink_on_s3_commits_reads_and_indexes_like_a_local_one(tmp_path, s3):
     assert index["shardlist"] == local.finish()["shardlist"]
     assert s3.client().get_object(Bucket="mmcurate-test", Key="out/00000.tar")["Body"].read() == (
         tmp_path / "00000.tar").read_bytes()
+
+
+def test_values_arrow_cannot_hold_are_kept_as_text():
+    """An extra column with an int over 64 bits or mixed types must not fail the shard's write."""
+    from pipeline.sinks.webdataset import status_table
+
+    table = status_table({"key": ["a", "b", "c"], "big": [2**70, 1, None], "mixed": [1, "x", {"k": 1}]}, {})
+    assert table.column("big").to_pylist() == [str(2**70), "1", None]
+    assert table.column("mixed").to_pylist() == ["1", "x", '{"k": 1}']
