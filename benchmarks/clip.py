@@ -12,7 +12,10 @@ Both read the same stored WebDataset shards (256 px JPEGs + captions), use the s
     python -m benchmarks.clip                      # CPU, ViT-B-32, 256 samples
     python -m benchmarks.clip --n 20000 --batch-size 512 --device cuda
 
-Prints samples/s for each, the ratio, and how far apart the two sets of scores are.
+Prints samples/s for each, the ratio, and how far apart the two sets of scores are. With
+``--input-only`` it times the input paths alone, and what of mmcurate's input work is left on the
+model thread (its own CPU time per batch: the decoders assemble, pin and tokenize on the pool)
+and the captions/s of the model's tokenizer on one thread.
 """
 from __future__ import annotations
 
@@ -115,7 +118,7 @@ def ours(paths: list[str], model_name: str, pretrained: str, device: str, batch_
     scores: dict[str, float] = {}
     start = time.perf_counter()
     for batch in read_batches(paths):
-        scores.update(zip(batch[schema.KEY], stage(batch)["clip_score"]))
+        scores.update(zip(batch[schema.KEY], stage.process(batch)["clip_score"]))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return scores, time.perf_counter() - start
@@ -140,17 +143,36 @@ def usual_input(paths: list[str], model_name: str, batch_size: int, workers: int
 
 
 def ours_input(paths: list[str], model_name: str, device: str, batch_size: int, threads: int,
-               decode: str) -> tuple[int, float]:
-    """mmcurate's input path alone: ClipScorer's decode threads and tokenization, no model."""
+               decode: str) -> tuple[int, float, float]:
+    """mmcurate's input path alone: ClipScorer's decode threads and tokenization, no model. Also
+    the CPU time this (the model's) thread spent per batch taking them."""
     from filters.clip_model import load_clip
     from filters.clip_scorer import ClipScorer
 
     scorer = ClipScorer(load_clip(model_name, "random", device), batch_size=batch_size, decode=decode, threads=threads)
-    count, start = 0, time.perf_counter()
+    count, batches, on_thread, start = 0, 0, 0.0, time.perf_counter()
     for batch in read_batches(paths):
-        for prepared in scorer.batches([f["jpg"] for f in batch[schema.FILES]], batch[schema.CAPTION]):
-            count += len(prepared.ok)
-    return count, time.perf_counter() - start
+        prepared = scorer.batches([f["jpg"] for f in batch[schema.FILES]], batch[schema.CAPTION])
+        while True:
+            cpu = time.thread_time()  # this thread's CPU only: waiting on the pool does not count
+            b = next(prepared, None)
+            on_thread += time.thread_time() - cpu
+            if b is None:
+                break
+            count, batches = count + len(b.ok), batches + 1
+    return count, time.perf_counter() - start, on_thread / max(batches, 1)
+
+
+def caption_rate(paths: list[str], model_name: str, batch_size: int) -> float:
+    """Captions/s of the model's open_clip tokenizer, batch by batch on one thread."""
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(model_name)
+    captions = [c for b in read_batches(paths) for c in b[schema.CAPTION]]
+    start = time.perf_counter()
+    for i in range(0, len(captions), batch_size):
+        tokenizer(captions[i:i + batch_size])
+    return len(captions) / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,12 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.input_only:
         usual_input(paths[:1], a.model, a.batch_size, a.workers)  # warm-up
         ours_input(paths[:1], a.model, device, a.batch_size, a.threads, a.decode)
-        (n_base, base_s), (n_ours, our_s) = (usual_input(paths, a.model, a.batch_size, a.workers),
-                                             ours_input(paths, a.model, device, a.batch_size, a.threads, a.decode))
+        (n_base, base_s), (n_ours, our_s, model_thread) = (
+            usual_input(paths, a.model, a.batch_size, a.workers),
+            ours_input(paths, a.model, device, a.batch_size, a.threads, a.decode))
         print(f"input path only (decode, preprocess, tokenize; no model):\n"
               f"usual (DataLoader x{a.workers}): {n_base / base_s:8.1f} samples/s\n"
               f"mmcurate ({a.threads} threads): {n_ours / our_s:8.1f} samples/s\n"
-              f"ratio mmcurate / usual: {(n_ours / our_s) / (n_base / base_s):.2f}x")
+              f"ratio mmcurate / usual: {(n_ours / our_s) / (n_base / base_s):.2f}x\n"
+              f"mmcurate input work left on the model thread: {1000 * model_thread:.2f} ms CPU per batch "
+              f"of {a.batch_size}\n"
+              f"open_clip tokenizer, one thread: {caption_rate(paths, a.model, a.batch_size):8.0f} captions/s")
         return 0
 
     warm = paths[:1]  # first pass pays for imports, worker start-up and allocator warm-up

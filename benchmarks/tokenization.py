@@ -110,14 +110,14 @@ def bench_images(args, workdir: Path) -> None:
     def end_to_end() -> int:
         done = 0
         for batch in shard_batches(urls[1:]):  # reading the tar is part of the measured time
-            stage(batch)
+            stage.process(batch)
             done += sum(s == schema.SUCCESS for s in batch[schema.STATUS])
         sync(device)
         return done
 
     with torch.inference_mode(), torch.autocast(**autocast):
         stage._model.encode(pixels[0])  # warm-up
-    stage(next(shard_batches(urls[:1])))
+    stage.process(next(shard_batches(urls[:1])))
     # Alternate the two, best of each: on a shared machine the load changes from one to the next.
     alone = end_to_end_rate = 0.0
     for _ in range(args.repeats):
@@ -136,6 +136,7 @@ def bench_text(args, workdir: Path) -> None:
     tokenizers = {"open_clip": {"tokenizer": "open_clip"}, "tokenizers BPE": {"tokenizer": str(train_bpe(workdir, captions))}}
     for label, options in tokenizers.items():
         (stage,) = build_tokenizers({"text": {**options, "max_length": 77}})
+        stage.setup()  # the tokenizer is worker state, loaded by setup()
         backend = stage._tokenizer
         plain = plain_encoder(label, options["tokenizer"])
         plain(captions[:100])
@@ -145,7 +146,7 @@ def bench_text(args, workdir: Path) -> None:
             batch = {c: [None] * len(captions) for c in schema.STATUS_COLUMNS}
             batch.update(key=[str(i) for i in range(len(captions))], status=[schema.SUCCESS] * len(captions),
                          caption=captions, files=[{} for _ in captions])
-            return sum(stage(batch)["text_length"])
+            return sum(stage.process(batch)["text_length"])
 
         stage_rate = best_rate(run_stage, args.repeats)
         print(f"text    {label} ({backend.kind}), {len(captions)} captions")

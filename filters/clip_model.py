@@ -61,6 +61,37 @@ def register_model(model: str) -> tuple[str, dict[str, Any]]:
     return name, kwargs
 
 
+def preprocess_config(model: str, pretrained: str | None) -> dict[str, Any] | None:
+    """The inference preprocessing open_clip will give ``model`` with ``pretrained``
+    (``resize_mode``, ``interpolation``, mean and std; ``size`` is the model's own once built),
+    read without the weights and merged as open_clip does: its defaults, then the tag's (built-in
+    names) or the config file's (``local-dir:``, ``hf-hub:``). None when it cannot be known
+    before loading (a hub config that cannot be fetched now)."""
+    import json
+    from dataclasses import asdict
+
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    base = asdict(PreprocessCfg())
+    if model.startswith("local-dir:"):
+        path = Path(model[len("local-dir:"):]) / "open_clip_config.json"
+        if not path.is_file():
+            return None
+        return merge_preprocess_dict(base, json.loads(path.read_text()).get("preprocess_cfg", {}))
+    if model.startswith("hf-hub:"):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(model[len("hf-hub:"):], "open_clip_config.json")
+        except Exception:  # noqa: BLE001 - offline or not there: decided when loading
+            return None
+        return merge_preprocess_dict(base, json.loads(Path(path).read_text()).get("preprocess_cfg", {}))
+    name, _ = register_model(model)
+    tag = open_clip.get_pretrained_cfg(name, pretrained) if pretrained and pretrained != RANDOM_WEIGHTS else {}
+    return merge_preprocess_dict(base, tag or {})
+
+
 def load_clip(model: str, pretrained: str | None, device: str = "cpu") -> ClipModel:
     import open_clip
     import torch

@@ -7,6 +7,12 @@ threshold is the quantile of the scores of the first ``sample_size`` rows, compu
 ``laion`` (OpenAI ViT-B-32, min 0.28) and ``datacomp`` (OpenAI ViT-L-14, top 30%); keys given
 next to a preset override it. Every scored row gets ``clip_score``; with ``store_embeddings``
 the image embedding is written as ``KEY.clip.npy`` (float16, L2-normalised).
+
+The device (``ModelStage.place``), the precision and the decoder are resolved once, in the
+driver, and pickled with the stage: every worker scores the same way, whatever GPUs its process
+sees, the fingerprint records what they resolved to, and the ``top_fraction`` sample pass scores
+with the same precision and decoder (on this machine's GPU if it has one, else on its CPU; the
+model it loads for that pass is freed before the shards run).
 """
 from __future__ import annotations
 
@@ -19,13 +25,14 @@ import numpy as np
 
 from pipeline.core import schema
 from pipeline.core.config import ConfigError, from_dict
-from pipeline.core.model_stage import ModelStage
-from pipeline.core.schema import Batch, ErrorKind
+from pipeline.core.model_stage import ModelStage, cuda_available, free_cuda_memory, poisons_device
+from pipeline.core.schema import Batch
 from pipeline.core.stage import JobContext
 from pipeline.media.npy import npy_bytes
 
 from .base import Filter, alive_with_image
 from .clip_model import RANDOM_WEIGHTS, absolute_if_path, file_digest, is_config_path
+from .clip_scorer import TORCH_RESIZE_MODES, resolve_decode, resolve_precision
 
 COLUMN = "clip_score"
 SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip ids that carry their own weights (pretrained is ignored)
@@ -47,7 +54,8 @@ class ClipScoreConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_gpus: float = 1.0               # per actor, when on a GPU (fractions pack several per GPU)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    decode: Literal["auto", "pil", "torch"] = "auto"     # auto: torch (nvJPEG) on CUDA, pil on CPU
+    decode: Literal["auto", "pil", "torch"] = "auto"     # auto: torch (nvJPEG) on CUDA when the model's
+                                                         # preprocessing allows it, else pil
     draft: bool = True                  # pil: JPEG DCT-domain downscale when >= 2x the model input
     decode_threads: int = 2
     store_embeddings: bool = False
@@ -77,6 +85,8 @@ class ClipScoreFilter(ModelStage, Filter):
                                              pretrained=absolute_if_path(config.pretrained)))
         self.threshold: Optional[float] = None  # the top_fraction cut, from prepare() or restore()
         self._fingerprint: Optional[dict] = None
+        self._resize_mode: Optional[str] = None  # open_clip's for this model, read once in the driver
+        self._settings: Optional[dict[str, str]] = None
 
     @classmethod
     def parse(cls, raw: Any, path: str) -> ClipScoreConfig:
@@ -98,33 +108,58 @@ class ClipScoreFilter(ModelStage, Filter):
         from .clip_model import register_model
 
         c = self.config
-        if c.model.startswith(SCHEMAS):
-            return  # resolved by open_clip when loading
-        name, _ = register_model(c.model)
-        if open_clip.get_model_config(name) is None:
-            raise ConfigError(f"clip_score.model: {c.model!r} is neither an open_clip model "
-                              f"(see open_clip.list_models()) nor a model config JSON file")
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if c.pretrained != RANDOM_WEIGHTS and not os.path.isfile(c.pretrained) and c.pretrained not in tags:
-            raise ConfigError(f"clip_score.pretrained: {c.pretrained!r} is not a checkpoint file nor an open_clip "
-                              f"tag of {name} (tags: {', '.join(tags) or 'none'})")
+        if not c.model.startswith(SCHEMAS):  # those are resolved by open_clip when loading
+            name, _ = register_model(c.model)
+            if open_clip.get_model_config(name) is None:
+                raise ConfigError(f"clip_score.model: {c.model!r} is neither an open_clip model "
+                                  f"(see open_clip.list_models()) nor a model config JSON file")
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            if c.pretrained != RANDOM_WEIGHTS and not os.path.isfile(c.pretrained) and c.pretrained not in tags:
+                raise ConfigError(f"clip_score.pretrained: {c.pretrained!r} is not a checkpoint file nor an "
+                                  f"open_clip tag of {name} (tags: {', '.join(tags) or 'none'})")
+        mode = self.resize_mode
+        if c.decode == "torch" and mode is not None and mode not in TORCH_RESIZE_MODES:
+            raise ConfigError(f"clip_score.decode: 'torch' implements resize_mode 'shortest' only; {c.model} "
+                              f"({c.pretrained}) uses resize_mode {mode!r}: use decode: pil or auto")
+
+    @property
+    def resize_mode(self) -> Optional[str]:
+        """open_clip's resize mode for this model (None: known only once loaded)."""
+        if self._resize_mode is None:
+            from .clip_model import preprocess_config
+
+            cfg = preprocess_config(self.config.model, self.config.pretrained)
+            self._resize_mode = cfg["resize_mode"] if cfg else None
+        return self._resize_mode
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """The device, precision and decoder every worker uses, resolved once (in the driver)."""
+        if self._settings is None:
+            c, device = self.config, self.device
+            self._settings = {"device": device, "precision": resolve_precision(c.precision, device),
+                              "decode": resolve_decode(c.decode, device, self.resize_mode)}
+        return self._settings
 
     def load_model(self):
+        return self._scorer(self.device)
+
+    def _scorer(self, device: str):
         from .clip_model import load_clip
         from .clip_scorer import ClipScorer
 
-        c = self.config
-        clip = load_clip(c.model, c.pretrained, device=self.device)
-        return ClipScorer(clip, batch_size=c.batch_size, precision=c.precision, decode=c.decode,
+        c, s = self.config, self.settings
+        clip = load_clip(c.model, c.pretrained, device=device)
+        return ClipScorer(clip, batch_size=c.batch_size, precision=s["precision"], decode=s["decode"],
                           draft=c.draft, threads=c.decode_threads)
 
-    def _score(self, batch: Batch, embeddings: bool = False):
+    def _score(self, batch: Batch, scorer, embeddings: bool = False):
         """Scores of the alive rows with an image; undecodable images are marked here."""
         idx, images = alive_with_image(batch)
         captions = [batch[schema.CAPTION][i] or "" for i in idx]
-        result = self.model.score(images, captions, embeddings=embeddings)
-        for pos, message in result.errors.items():
-            schema.mark(batch, idx[pos], ErrorKind.DECODE_ERROR, f"{self.name}: {message}")
+        result = scorer.score(images, captions, embeddings=embeddings)
+        for pos, (kind, message) in result.errors.items():
+            schema.mark(batch, idx[pos], kind, f"{self.name}: {message}")
         ok = [p for p in range(len(idx)) if p not in result.errors]
         return idx, ok, result
 
@@ -133,7 +168,12 @@ class ClipScoreFilter(ModelStage, Filter):
         if o.top_fraction is not None and self.threshold is None:
             raise RuntimeError("clip_score: top_fraction needs its threshold: the job runs prepare() or "
                                "restore() before any shard")
-        idx, ok, result = self._score(batch, embeddings=o.store_embeddings)
+        try:
+            idx, ok, result = self._score(batch, self.model, embeddings=o.store_embeddings)
+        except Exception as e:
+            if poisons_device(e):  # every later batch of this worker would fail too: replace it
+                raise self.lost_device(e) from e
+            raise
         rows = [idx[p] for p in ok]
         scores = [float(result.scores[p]) for p in ok]
         schema.set_column(batch, COLUMN, rows, scores)
@@ -153,15 +193,25 @@ class ClipScoreFilter(ModelStage, Filter):
         fraction = self.config.top_fraction
         if fraction is None:
             return None
+        # The workers' precision and decoder; their device when this machine has it (a CPU-only
+        # driver of a GPU cluster scores on its CPU). A model of its own, freed after the pass.
+        here = self.device if self.device == "cpu" or cuda_available() else "cpu"
+        scorer = self._scorer(here)
         scores: list[float] = []
-        for batch in context.sample_batches(self.config.sample_size):
-            _, ok, result = self._score(batch)
-            scores.extend(float(result.scores[p]) for p in ok)
+        try:
+            for batch in context.sample_batches(self.config.sample_size):
+                _, ok, result = self._score(batch, scorer)
+                scores.extend(float(result.scores[p]) for p in ok)
+        finally:
+            scorer.close()
+            del scorer
+            free_cuda_memory()
         if not scores:
             raise RuntimeError(f"clip_score: none of the first {self.config.sample_size} rows reached the filter "
                                "with a decodable image, so the top_fraction threshold cannot be estimated")
         threshold = float(np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - fraction))
-        return {"threshold": threshold, "top_fraction": fraction, "sample_size": len(scores)}
+        return {"threshold": threshold, "top_fraction": fraction, "sample_size": len(scores),
+                "device": here, "precision": self.settings["precision"], "decode": self.settings["decode"]}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.threshold = state.get("threshold")
@@ -170,7 +220,7 @@ class ClipScoreFilter(ModelStage, Filter):
         if self._fingerprint is None:
             o = self.config
             fp: dict[str, Any] = {"filter": self.name, "model": o.model, "pretrained": o.pretrained,
-                                  "precision": o.precision, "decode": o.decode, "draft": o.draft}
+                                  **self.settings, "draft": o.draft}
             if is_config_path(o.model):
                 fp["model"], fp["model_config_sha256"] = os.path.basename(o.model), file_digest(o.model)
             if o.pretrained and os.path.isfile(o.pretrained):

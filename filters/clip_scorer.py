@@ -4,107 +4,176 @@ caption embeddings, in batches, decoding the next batch on CPU threads while the
 Two decoders produce the model's input:
 
 * ``pil``: PIL decode plus the model's own open_clip transform (resize, crop, normalise), one
-  image per thread: the same numbers as open_clip. With ``draft``, JPEGs at least twice the model's
+  image per thread: the same numbers as open_clip, for every resize mode. The batch is assembled
+  (and pinned, on CUDA) by a pool thread too, so the model thread only takes it. With ``draft``, JPEGs at least twice the model's
   input (e.g. 512 px stored for a 224 px model; not 256 px) are decoded at reduced scale in the DCT
   domain first: several times cheaper, but the pixels differ from a full decode, so scores move a
   little (tiny CLIP, 64 -> 32 px: mean 0.006, max 0.03). ``draft: false`` keeps them exact.
 * ``torch``: ``torchvision.io.decode_jpeg`` for the whole batch on the model's device (nvJPEG on a
-  GPU), then resize / crop / normalise as tensor ops there; other formats go through PIL.
+  GPU), then resize / crop / normalise as tensor ops there, as torchvision does them (shorter
+  side resized, ``CenterCrop``'s rounding); other formats, and every JPEG the device decoder
+  rejects (unusual chroma subsampling, arithmetic coding, 12-bit), go through PIL. It implements
+  open_clip's ``shortest`` resize mode only: ``decode: auto`` picks it on CUDA for such models.
+
+Captions go through the model's own open_clip tokenizer, which is pure Python (about 14k
+captions/s on one thread, holding the GIL the model thread needs to launch its kernels): on CUDA
+it runs in a process of its own, which gives the same ids.
+
+Every image is opened through :func:`pipeline.media.image_open.open_image` first: the format
+whitelist and the pixel cap apply before any decoding, on either path. The device, precision and
+decoder are resolved by :func:`resolve_precision` and :func:`resolve_decode`, once, in the driver.
 """
 from __future__ import annotations
 
-import io
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.media.geometry import center_offset, torchvision_short_side
+from pipeline.core.schema import ErrorKind
+from pipeline.media.geometry import MAX_PIXELS, torchvision_center_offset, torchvision_short_side
+from pipeline.media.image_open import ImageRejected, open_image
 
 from .clip_model import ClipModel
 
-Decoded = tuple[torch.Tensor, list[int], dict[int, str]]  # pixels of the ok images, their positions, errors
+Problem = tuple[str, str]  # (ErrorKind, message): why an image could not be decoded
+Decoded = tuple[torch.Tensor, list[int], dict[int, Problem]]  # pixels of the ok images, their positions, errors
+TORCH_RESIZE_MODES = ("shortest",)  # what the tensor path implements of open_clip's resize modes
+_JPEG_FORMATS = ("JPEG", "MPO")
 
 
-def _open(data: bytes) -> Image.Image:
-    im = Image.open(io.BytesIO(data))
-    im.load()
-    return im
+def resolve_precision(precision: str, device: str) -> str:
+    """"bf16" (autocast) or "fp32": ``auto`` is bf16 on CUDA."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device == "cuda") else "fp32"
+
+
+def resolve_decode(decode: str, device: str, resize_mode: Optional[str]) -> str:
+    """"torch" or "pil": ``auto`` is the tensor path on CUDA when it implements the model's resize
+    mode (None: not known yet, so PIL, which does every mode)."""
+    if decode != "auto":
+        return decode
+    return "torch" if device == "cuda" and resize_mode in TORCH_RESIZE_MODES else "pil"
+
+
+def problem(error: Exception) -> Problem:
+    if isinstance(error, ImageRejected):
+        return error.kind, str(error)
+    if isinstance(error, Image.DecompressionBombError):  # PIL's own backstop
+        return ErrorKind.DECOMPRESSION_BOMB, str(error)
+    return ErrorKind.DECODE_ERROR, f"{type(error).__name__}: {error}"
+
+
+_TOKENIZER: Optional[Callable] = None  # in a tokenizer process: the model's tokenizer
+
+
+def _take_tokenizer(tokenizer: Callable) -> None:
+    global _TOKENIZER
+    _TOKENIZER = tokenizer
+
+
+def _tokenize(captions: list[str]) -> np.ndarray:
+    return _TOKENIZER(captions).numpy()  # numpy: pickled back as one buffer
+
+
+def _rgb(data: bytes, max_pixels: int) -> Image.Image:
+    with open_image(data, max_pixels) as im:
+        return im.convert("RGB")
 
 
 class PilDecoder:
     """PIL decode plus the model's own preprocessing, one image per pool thread."""
 
-    def __init__(self, clip: ClipModel, draft: bool) -> None:
+    def __init__(self, clip: ClipModel, draft: bool, max_pixels: int = MAX_PIXELS) -> None:
         self.preprocess = clip.preprocess
         self.size = clip.image_size
         self.draft = draft
+        self.max_pixels = max_pixels
         self.pin = clip.device.type == "cuda"  # page-locked memory: the copy to the GPU is asynchronous
 
     def one(self, data: bytes) -> torch.Tensor:
-        im = Image.open(io.BytesIO(data))
-        if self.draft:
-            im.draft("RGB", (self.size, self.size))  # keeps both sides >= size; no-op unless JPEG
-        return self.preprocess(im.convert("RGB"))
+        with open_image(data, self.max_pixels) as im:
+            if self.draft:
+                im.draft("RGB", (self.size, self.size))  # keeps both sides >= size; no-op unless JPEG
+            return self.preprocess(im.convert("RGB"))
+
+    def _assemble(self, futures: list[Future]) -> Decoded:
+        """The batch in one tensor, pinned on CUDA: one copy, on a pool thread. The image tasks
+        were queued before this one, so waiting on them here cannot deadlock the pool."""
+        tensors, ok, errors = [], [], {}
+        for k, f in enumerate(futures):
+            try:
+                tensors.append(f.result())
+                ok.append(k)
+            except Exception as e:  # noqa: BLE001 - a bad image fails only itself
+                errors[k] = problem(e)
+        if not tensors:
+            return torch.empty(0), ok, errors
+        out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=self.pin)
+        return torch.stack(tensors, out=out), ok, errors
 
     def start(self, pool: ThreadPoolExecutor, images: list[bytes]) -> Callable[[], Decoded]:
         futures = [pool.submit(self.one, data) for data in images]
-
-        def result() -> Decoded:
-            tensors, ok, errors = [], [], {}
-            for k, f in enumerate(futures):
-                try:
-                    tensors.append(f.result())
-                    ok.append(k)
-                except Exception as e:  # noqa: BLE001 - a bad image fails only itself
-                    errors[k] = f"{type(e).__name__}: {e}"
-            pixels = torch.stack(tensors) if tensors else torch.empty(0)
-            return (pixels.pin_memory() if self.pin and tensors else pixels), ok, errors
-        return result
+        return pool.submit(self._assemble, futures).result
 
 
 class TorchDecoder:
     """Batch decode on the model's device, then the open_clip transform as tensor ops."""
 
-    def __init__(self, clip: ClipModel) -> None:
+    def __init__(self, clip: ClipModel, max_pixels: int = MAX_PIXELS) -> None:
         self.device = clip.device
         self.size = clip.image_size
+        self.max_pixels = max_pixels
         self.mode = "bilinear" if clip.interpolation == "bilinear" else "bicubic"
         self.mean = torch.tensor(clip.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(clip.std, device=self.device).view(1, 3, 1, 1)
-        if clip.resize_mode != "shortest":
+        if clip.resize_mode not in TORCH_RESIZE_MODES:  # check() refuses this in the driver
             raise ValueError(f"decode: torch implements resize_mode 'shortest' only; the model uses "
                              f"{clip.resize_mode!r} (use decode: pil)")
 
-    def _decode(self, images: list[bytes]) -> tuple[list[Optional[torch.Tensor]], dict[int, str]]:
-        from torchvision.io import ImageReadMode, decode_jpeg
+    def _jpegs(self, images: list[bytes], errors: dict[int, Problem]) -> list[int]:
+        """The positions of the JPEGs, after the whitelist and the pixel cap (header only)."""
+        jpegs = []
+        for k, data in enumerate(images):
+            try:
+                with open_image(data, self.max_pixels) as im:
+                    if im.format in _JPEG_FORMATS:
+                        jpegs.append(k)
+            except Exception as e:  # noqa: BLE001 - a bad image fails only itself
+                errors[k] = problem(e)
+        return jpegs
+
+    def _decode(self, images: list[bytes]) -> tuple[list[Optional[torch.Tensor]], dict[int, Problem]]:
+        from torchvision import io as tvio  # looked up per call: tests stand a failing decoder in
 
         out: list[Optional[torch.Tensor]] = [None] * len(images)
-        errors: dict[int, str] = {}
-        jpegs = [k for k, d in enumerate(images) if d[:3] == b"\xff\xd8\xff"]
+        errors: dict[int, Problem] = {}
+        jpegs = self._jpegs(images, errors)
         if jpegs:
             raw = [torch.frombuffer(bytearray(images[k]), dtype=torch.uint8) for k in jpegs]
             try:
-                for k, t in zip(jpegs, decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)):
+                for k, t in zip(jpegs, tvio.decode_jpeg(raw, mode=tvio.ImageReadMode.RGB, device=self.device)):
                     out[k] = t
-            except RuntimeError:  # one corrupt JPEG fails the batch call: fall back to one by one
+            except RuntimeError:  # one JPEG it rejects fails the batch call: one by one
                 for k, r in zip(jpegs, raw):
                     try:
-                        out[k] = decode_jpeg(r, mode=ImageReadMode.RGB, device=self.device)
-                    except RuntimeError as e:
-                        errors[k] = f"RuntimeError: {e}"
+                        out[k] = tvio.decode_jpeg(r, mode=tvio.ImageReadMode.RGB, device=self.device)
+                    except RuntimeError:
+                        pass  # one the device decoder rejects: PIL decodes it below
         for k, d in enumerate(images):
             if out[k] is None and k not in errors:
                 try:
-                    arr = np.asarray(_open(d).convert("RGB"))
+                    arr = np.asarray(_rgb(d, self.max_pixels))
                     out[k] = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(self.device)
                 except Exception as e:  # noqa: BLE001
-                    errors[k] = f"{type(e).__name__}: {e}"
+                    errors[k] = problem(e)
         return out, errors
 
     def _resize_crop(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,21 +184,23 @@ class TorchDecoder:
         if new != (h, w):
             x = F.interpolate(x, size=new, mode=self.mode, antialias=True, align_corners=False)
             x = x.clamp_(0, 255).round_()  # as PIL: resized pixels are 8-bit again
-        top, left = center_offset(x.shape[-2], s), center_offset(x.shape[-1], s)
+        top, left = torchvision_center_offset(x.shape[-2], s), torchvision_center_offset(x.shape[-1], s)
         return x[..., top:top + s, left:left + s]
 
     def decode(self, images: list[bytes]) -> Decoded:
+        """The images grouped by size (one resize per size), in group order: ``ok`` says which
+        image each row is, so no indexed copy (a blocking host-to-device index per size) is needed."""
         tensors, errors = self._decode(images)
-        ok = [k for k, t in enumerate(tensors) if t is not None]
-        pixels = torch.empty(len(ok), 3, self.size, self.size, device=self.device)
         by_shape: dict[tuple[int, int], list[int]] = {}
-        for p, k in enumerate(ok):
-            by_shape.setdefault(tuple(tensors[k].shape[-2:]), []).append(p)
-        for positions in by_shape.values():  # one resize per distinct input size
-            x = torch.stack([tensors[ok[p]] for p in positions]).float()
-            pixels[positions] = self._resize_crop(x)
-        pixels = (pixels / 255.0 - self.mean) / self.std
-        return pixels, ok, errors
+        for k, t in enumerate(tensors):
+            if t is not None:
+                by_shape.setdefault(tuple(t.shape[-2:]), []).append(k)
+        ok = [k for group in by_shape.values() for k in group]
+        if not ok:
+            return torch.empty(0, 3, self.size, self.size, device=self.device), ok, errors
+        pixels = torch.cat([self._resize_crop(torch.stack([tensors[k] for k in group]).float())
+                            for group in by_shape.values()])
+        return (pixels / 255.0 - self.mean) / self.std, ok, errors
 
     def start(self, pool: ThreadPoolExecutor, images: list[bytes]) -> Callable[[], Decoded]:
         future: Future = pool.submit(self.decode, images)
@@ -140,8 +211,8 @@ class TorchDecoder:
 class Prepared:
     start: int                 # position of the batch's first row in the call's lists
     pixels: torch.Tensor       # the decodable images, preprocessed
-    ok: list[int]              # their positions within the batch
-    errors: dict[int, str]     # position within the batch -> why it could not be decoded
+    ok: list[int]              # their positions within the batch, row by row of ``pixels``
+    errors: dict[int, Problem]  # position within the batch -> why it could not be decoded
     tokens: torch.Tensor       # every caption of the batch, tokenized
 
 
@@ -149,26 +220,35 @@ class Prepared:
 class Scores:
     scores: np.ndarray                 # float32, NaN where the image could not be decoded
     image_embeddings: Optional[np.ndarray]  # float16 [n, dim], L2-normalised, when asked for
-    errors: dict[int, str]             # position -> why the image could not be decoded
+    errors: dict[int, Problem]         # position -> (ErrorKind, why the image could not be decoded)
 
 
 class ClipScorer:
     def __init__(self, clip: ClipModel, batch_size: int = 256, precision: str = "auto", decode: str = "auto",
-                 draft: bool = True, threads: int = 2) -> None:
+                 draft: bool = True, threads: int = 2, tokenize_processes: Optional[int] = None) -> None:
         self.clip = clip
         self.batch_size = batch_size
-        cuda = clip.device.type == "cuda"
-        self.autocast = precision == "bf16" or (precision == "auto" and cuda)
-        use_torch = decode == "torch" or (decode == "auto" and cuda)
+        device = clip.device.type
+        self.autocast = resolve_precision(precision, device) == "bf16"
+        use_torch = resolve_decode(decode, device, clip.resize_mode) == "torch"
         self.decoder = TorchDecoder(clip) if use_torch else PilDecoder(clip, draft)
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="clip-decode")
+        processes = (1 if device == "cuda" else 0) if tokenize_processes is None else tokenize_processes
+        # spawn, not fork: a forked child of a process that initialised CUDA cannot use it safely
+        self.text_pool = ProcessPoolExecutor(processes, multiprocessing.get_context("spawn"), _take_tokenizer,
+                                             (clip.tokenizer,)) if processes else None
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.text_pool is not None:
+            self.text_pool.shutdown(wait=False, cancel_futures=True)
 
     def _start(self, images: list[bytes], captions: list[str]):
         decoded = self.decoder.start(self.pool, images)
-        tokens = self.pool.submit(self.clip.tokenizer, captions)
+        if self.text_pool is None:
+            tokens = self.pool.submit(self.clip.tokenizer, captions)
+        else:
+            tokens = self.text_pool.submit(_tokenize, captions)
         return decoded, tokens
 
     def _embed(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,12 +269,12 @@ class ClipScorer:
             if start + bs < n:
                 pending = self._start(images[start + bs:start + 2 * bs], captions[start + bs:start + 2 * bs])
             pixels, ok, errors = decoded()
-            yield Prepared(start, pixels, ok, errors, tokens.result())
+            yield Prepared(start, pixels, ok, errors, torch.as_tensor(tokens.result()))
 
     def score(self, images: list[bytes], captions: list[str], embeddings: bool = False) -> Scores:
         scores = np.full(len(images), np.nan, dtype=np.float32)
         stored: Optional[np.ndarray] = None
-        errors: dict[int, str] = {}
+        errors: dict[int, Problem] = {}
         for b in self.batches(images, captions):
             errors.update({b.start + k: msg for k, msg in b.errors.items()})
             if not b.ok:

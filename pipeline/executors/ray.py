@@ -13,7 +13,9 @@ driver's memory: it holds the rows of those shards only.
 
 The cluster may change under a job: every few seconds the window and the actor pools follow its
 resources (nodes that joined). When a node dies, Ray reruns its tasks elsewhere and restarts its
-model actors on other nodes; a shard whose steps still fail is rerun from its input rows.
+model actors on other nodes; a shard whose steps still fail is rerun from its input rows. A model
+actor whose CUDA context a failure poisoned (``ModelStage.device_lost``) ends its process: Ray
+restarts it with a fresh context and retries the call, so the shard is redone in the run.
 
 Why Ray core tasks and actors rather than Ray Data: a shard is the unit of atomic writes,
 resume and retry, and its rows must stay together and in order (byte-identical output, ordered
@@ -66,7 +68,13 @@ class _StageActor:
         stage.setup()
 
     def run(self, step: Step) -> Step:
-        return run_stages([self.stage], step)
+        result = run_stages([self.stage], step)
+        if getattr(self.stage, "device_lost", False):
+            # Every later kernel of this process would fail: end it, so that Ray restarts the actor
+            # (max_restarts) and retries this call on it (max_task_retries).
+            log.error("%s: the CUDA context is unusable; restarting the actor", self.stage.name)
+            os._exit(1)
+        return result
 
     def resume(self, written: Batch) -> None:
         self.stage.resume(written)

@@ -94,6 +94,12 @@ def torchvision_short_side(width: int, height: int, target: int) -> tuple[int, i
     return (target, int(target * width / height)) if height <= width else (int(target * height / width), target)
 
 
+def torchvision_center_offset(outer: int, inner: int) -> int:
+    """Where torchvision's ``CenterCrop`` starts an ``inner`` span inside ``outer``: the half
+    margin rounded (half to even, Python's ``round``), not floored as :func:`center_offset`."""
+    return int(round((outer - inner) / 2.0))
+
+
 def round_to_multiple(value: float, multiple: int) -> int:
     """``value`` to the nearest multiple of ``multiple``, at least one multiple."""
     return max(multiple, round(value / multiple) * multiple)

@@ -13,11 +13,23 @@ import numpy as np
 from PIL import Image
 
 from pipeline.core import schema
+from pipeline.core.schema import ErrorKind
+from pipeline.media.image_open import ImageRejected, open_image
 from pipeline.media.npy import read_npy
 
 
 class MediaError(ValueError):
     """The sample holds nothing a visual tokenizer can read."""
+
+
+def media_error_kind(error: Exception) -> str:
+    """The ErrorKind of a sample whose media could not be read: an image refused by the
+    whitelist or the pixel cap keeps its own kind; anything else is the stage's error."""
+    if isinstance(error, ImageRejected):
+        return error.kind
+    if isinstance(error, Image.DecompressionBombError):  # PIL's own backstop, while decoding
+        return ErrorKind.DECOMPRESSION_BOMB
+    return ErrorKind.STAGE_ERROR
 
 
 def uniform_indices(available: int, frames: int) -> list[int]:
@@ -28,15 +40,16 @@ def uniform_indices(available: int, frames: int) -> list[int]:
 
 
 def read_media(files: dict[str, bytes], frames: int) -> tuple[list[Image.Image], bool]:
-    """(images, is_video): one image for an image sample (opened lazily, so that the resize can
-    decode a JPEG at reduced scale), ``frames`` RGB frames for a clip."""
+    """(images, is_video): one image for an image sample (opened lazily through the format
+    whitelist and the pixel cap, so that the resize can decode a JPEG at reduced scale),
+    ``frames`` RGB frames for a clip."""
     if "frames.npy" in files:
         return _from_array(read_npy(files["frames.npy"]), frames), True
     if "mp4" in files:
         return _from_mp4(files["mp4"], frames), True
     image = schema.image_of(files)
     if image is not None:
-        return [Image.open(io.BytesIO(image))], False
+        return [open_image(image)], False
     raise MediaError(f"no image or video to tokenize (files: {', '.join(sorted(files)) or 'none'})")
 
 

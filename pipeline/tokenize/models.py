@@ -38,6 +38,7 @@ class ModelInfo:
     scaling_factor: Optional[float] = None
     shift_factor: Optional[float] = None
     submodel: bool = False         # the VQ is part of a full multimodal checkpoint
+    force_upcast: bool = False     # the checkpoint must run in float32 when float16 is asked (SDXL VAE)
 
     @property
     def output(self) -> str:
@@ -93,7 +94,8 @@ class Emu3Tokenizer(VisualModel):
         m = self.model
         if pixels.shape[1] == 1:  # an image: encode() repeats it over the temporal window itself
             sizes = torch.tensor([list(pixels.shape[-2:])] * pixels.shape[0])
-            return [g.cpu().numpy() for g in m.encode(pixels[:, 0], sizes).image_tokens]
+            # one batch, one size: the per-image crops are equal, so one copy to the host
+            return list(torch.stack(m.encode(pixels[:, 0], sizes).image_tokens).cpu().numpy())
         # A clip: encode() would crop the (t, h, w) grid as if it were an image (t by h, h by w),
         # so run its three parts without the crop.
         hidden = m.encoder(pixels.to(m.dtype))
@@ -134,7 +136,7 @@ class VAEEncoder(VisualModel):
         return ModelInfo(cls.name, "vae", 2 ** (len(config.get("block_out_channels", (64,))) - 1), 1,
                          latent_channels=config.get("latent_channels", 4),
                          scaling_factor=config.get("scaling_factor", 0.18215),
-                         shift_factor=config.get("shift_factor"))
+                         shift_factor=config.get("shift_factor"), force_upcast=bool(config.get("force_upcast")))
 
     def load(self) -> torch.nn.Module:
         try:

@@ -5,7 +5,13 @@ when there is one. While
 the model codes one batch, worker threads decode and resize the next ones (PIL and PyAV release
 the GIL), so the accelerator does not wait on JPEG decoding. Samples are batched by pixel size
 (aspect buckets give several sizes per shard); a batch that raises is retried sample by sample so
-that one bad sample is marked failed instead of failing the shard.
+that one bad sample is marked failed instead of failing the shard. The retry starts after the
+failed batch's tensors are freed (after an out-of-memory error they would hold the GPU memory the
+retries need); an error that poisons the CUDA context fails the shard instead (every later sample
+of the worker would fail too, and the shard would be written as if complete), so a rerun redoes it.
+
+The compute dtype is ``dtype`` on CUDA, float32 on the CPU, and float32 for an AutoencoderKL whose
+config says ``force_upcast`` when float16 is asked (the SDXL VAE overflows in float16).
 """
 from __future__ import annotations
 
@@ -19,14 +25,14 @@ import numpy as np
 
 from pipeline.core import schema
 from pipeline.core.config import ConfigError
-from pipeline.core.model_stage import ModelStage
+from pipeline.core.model_stage import ModelStage, free_cuda_memory, poisons_device
 from pipeline.core.schema import Batch, ErrorKind
 from pipeline.media.npy import npy_bytes
 
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .common import FORMAT_VERSION, with_id
 from .config import ImageTokenizeConfig
-from .media import read_media
+from .media import media_error_kind, read_media
 from .models import MODELS, ModelInfo, VisualModel, detect, weight_filter
 from .policy import ResolutionPolicy, fit, make_policy
 
@@ -108,7 +114,12 @@ class VisualTokenizeStage(ModelStage):
 
     @property
     def compute_dtype(self) -> str:
-        return self.config.dtype if self.device == "cuda" else "float32"
+        if self.device != "cuda":
+            return "float32"
+        self.check()
+        if self.config.dtype == "float16" and self.info.force_upcast:
+            return "float32"  # as diffusers does: the checkpoint says float16 overflows
+        return self.config.dtype
 
     def fingerprint(self) -> dict:
         if self._fingerprint is None:
@@ -162,7 +173,7 @@ class VisualTokenizeStage(ModelStage):
             try:
                 item = future.result()
             except Exception as e:  # undecodable or missing media: this sample only
-                schema.mark(batch, i, ErrorKind.STAGE_ERROR, f"{self.name}: {type(e).__name__}: {e}")
+                schema.mark(batch, i, media_error_kind(e), f"{self.name}: {type(e).__name__}: {e}")
                 continue
             group = groups.setdefault(item.pixels.shape, [])
             group.append((i, item))
@@ -187,14 +198,20 @@ class VisualTokenizeStage(ModelStage):
         try:
             outputs = self.encode([p.pixels for _, p in group])
         except Exception as e:
-            if len(group) == 1:
-                schema.mark(batch, group[0][0], ErrorKind.STAGE_ERROR, f"{self.name}: {type(e).__name__}: {e}")
-                return
-            log.warning("%s: a batch of %d failed (%s); retrying sample by sample", self.name, len(group), e)
-            for item in group:
-                self._encode_group(batch, [item])
+            if poisons_device(e):
+                raise self.lost_device(e) from e
+            failure = f"{type(e).__name__}: {e}"
+        else:
+            self._store(batch, group, outputs)
             return
-        self._store(batch, group, outputs)
+        # Out of the handler: the exception, its traceback and the batch's tensors are gone now.
+        free_cuda_memory()
+        if len(group) == 1:
+            schema.mark(batch, group[0][0], ErrorKind.STAGE_ERROR, f"{self.name}: {failure}")
+            return
+        log.warning("%s: a batch of %d failed (%s); retrying sample by sample", self.name, len(group), failure)
+        for item in group:
+            self._encode_group(batch, [item])
 
     def _store(self, batch: Batch, group: list[tuple[int, Prepared]], outputs: list[np.ndarray]) -> None:
         info = self.info

@@ -204,8 +204,9 @@ def test_bad_samples_are_marked_and_the_rest_tokenized(monkeypatch):
     batch[schema.STATUS][3] = schema.FILTERED
     stage = image_stage(TINY_VQ, resolution=64)
     stage.process(batch)
-    assert batch[schema.STATUS] == [schema.SUCCESS, schema.FAILED_TO_PROCESS, schema.FAILED_TO_PROCESS, schema.FILTERED]
-    assert batch[schema.ERROR_KIND][1] == "stage_error" and "tokenize_image" in batch[schema.ERROR_MESSAGE][1]
+    # cut inside its header: refused when opened (image_open), as the download stage would
+    assert batch[schema.STATUS] == [schema.SUCCESS, schema.FAILED_TO_DECODE, schema.FAILED_TO_PROCESS, schema.FILTERED]
+    assert batch[schema.ERROR_KIND][1] == "decode_error" and "tokenize_image" in batch[schema.ERROR_MESSAGE][1]
     assert "no image or video" in batch[schema.ERROR_MESSAGE][2]
     assert "image_ids.npy" in batch["files"][0] and batch["image_tokenizer"][3] is None
 
