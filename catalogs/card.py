@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
+from datetime import date
 from typing import Any, Literal, Optional
 
 from pipeline.core.config import ConfigError, from_dict
@@ -52,10 +53,13 @@ TIME_COLUMNS = ("clip_start", "clip_end", "duration")
 # Facts every card must either state (with a source) or list under ``unconfirmed``.
 REQUIRED_FACTS = ("size.samples", "year", "paper", "homepage", "license.name", "license.commercial_use",
                   "status", "metadata.location", "metadata.format", "reader")
+# Facts a card may leave out, but that need a source when stated.
+OPTIONAL_FACTS = ("license.research_only", "download.disk_256px_gb", "download.success_rate")
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")
 _ARXIV_RE = re.compile(r"^\d{4}\.\d{4,5}$")
 _DATE_RE = re.compile(r"^\d{4}-\d{2}(-\d{2})?$")
+_DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -100,6 +104,23 @@ class License:
     commercial_use: Optional[bool] = None   # does the licence of the published metadata allow it
     url: Optional[str] = None
     note: str = ""                          # media rights, research-only requests, ...
+    # The publisher asks for research use only (a term, a request, or hosted media under research-only
+    # terms), even where the licence of the metadata itself would allow more.
+    research_only: bool = False
+
+
+@dataclass
+class DownloadFacts:
+    """What a download of the dataset gave someone who measured it (numbers from a named source)."""
+    disk_256px_gb: Optional[float] = None   # output size with images resized to 256 px, in GB
+    success_rate: Optional[float] = None    # share of the URLs that downloaded, 0..1
+    note: str = ""                          # when and how it was measured
+
+    def validate(self) -> None:
+        if self.disk_256px_gb is not None and self.disk_256px_gb <= 0:
+            raise ConfigError(f"disk_256px_gb: must be > 0, got {self.disk_256px_gb}")
+        if self.success_rate is not None and not 0 < self.success_rate <= 1:
+            raise ConfigError(f"success_rate: expected a share in (0, 1], got {self.success_rate}")
 
 
 @dataclass
@@ -199,8 +220,10 @@ class Card:
     license: License
     metadata: Metadata
     sources: list[Source]
+    verified: Any = None                    # YYYY-MM-DD: when the facts were last checked against the sources
     status: Status = field(default_factory=Status)
     size: Size = field(default_factory=Size)
+    download: DownloadFacts = field(default_factory=DownloadFacts)
     year: Optional[int] = None
     paper: Paper = field(default_factory=Paper)
     homepage: Optional[str] = None
@@ -213,6 +236,8 @@ class Card:
     notes: str = ""
 
     def __post_init__(self) -> None:
+        if isinstance(self.verified, date):  # YAML reads an unquoted 2026-12-02 as a date
+            self.verified = self.verified.isoformat()
         if self.reader is not None and not isinstance(self.reader, Reader):
             self.reader = from_dict(Reader, self.reader, "reader")
 
@@ -221,6 +246,12 @@ class Card:
             raise ConfigError(f"name: expected lowercase letters, digits and dashes, got {self.name!r}")
         if self.year is not None and not 1990 <= self.year <= 2100:
             raise ConfigError(f"year: out of range: {self.year}")
+        if self.verified is None:
+            raise ConfigError("verified: missing; the date (YYYY-MM-DD) the facts were last checked against the sources")
+        if not isinstance(self.verified, str) or not _DAY_RE.match(self.verified):
+            raise ConfigError(f"verified: expected YYYY-MM-DD, got {self.verified!r}")
+        if not self.size.unit.strip():
+            raise ConfigError("size.unit: must say what one sample is (pairs, images, documents, clips, ...)")
         if not self.sources:
             raise ConfigError("sources: every card needs at least one source")
         for i, src in enumerate(self.sources):
@@ -239,6 +270,9 @@ class Card:
                 raise ConfigError(f"{fact}: missing; state it with a source or list it under unconfirmed")
             if not empty and not self.sources_for(fact):
                 raise ConfigError(f"{fact}: no entry in sources supports this fact")
+        for fact in OPTIONAL_FACTS:
+            if fact_value(self, fact) not in (None, False) and not self.sources_for(fact):
+                raise ConfigError(f"{fact}: set to {fact_value(self, fact)!r} but no entry in sources supports it")
 
     # -- helpers used by the CLI and the HTML page -------------------------------------------------
     def sources_for(self, fact: str) -> list[Source]:
@@ -246,9 +280,26 @@ class Card:
         return [s for s in self.sources
                 if any(fact == f or fact.startswith(f + ".") or f.startswith(fact + ".") for f in s.facts)]
 
+    def commercial(self) -> tuple[str, str]:
+        """May a person use it commercially: ``(yes | no | unconfirmed, why)``.
+
+        Not just the licence tag: a withdrawn dataset is not to be used, and a research-only request
+        (or research-only hosted media) rules commercial use out even under a permissive licence.
+        """
+        licence = self.license.commercial_use
+        if self.status.state == "withdrawn":
+            return "no", "withdrawn by its publisher"
+        if licence is False:
+            return "no", "the licence does not allow it"
+        if self.license.research_only:
+            return "no", "the publisher asks for research use only"
+        if licence is None:
+            return "unconfirmed", "the licence was not confirmed"
+        return "yes", "the licence allows it; media rights are separate"
+
     @property
     def commercial_label(self) -> str:
-        return {True: "yes", False: "no", None: "unconfirmed"}[self.license.commercial_use]
+        return self.commercial()[0]
 
     def keys(self) -> list[str]:
         """Lookup keys: the name and aliases, normalised."""
@@ -293,4 +344,5 @@ def _known_fact(fact: str) -> bool:
 
 
 _FIELD_TYPES = {("Card", "size"): Size, ("Card", "paper"): Paper, ("Card", "license"): License,
+                ("Card", "download"): DownloadFacts,
                 ("Card", "status"): Status, ("Card", "metadata"): Metadata, ("Card", "reader"): Reader}

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,21 +46,22 @@ def add_parser(subparsers) -> None:
     ls.add_argument("--status", choices=["available", "gated", "withdrawn"],
                     help="availability: available (open download), gated (terms, forms, login) or withdrawn")
     ls.add_argument("--commercial", action="store_true",
-                    help="only datasets whose metadata licence allows commercial use (media rights are separate)")
+                    help="only datasets a person may use commercially: the licence allows it, not withdrawn, no "
+                    "research-only request (media rights are separate)")
     ls.add_argument("--min-samples", metavar="N", type=_count,
                     help="only datasets with at least N published samples, e.g. 1000000, 10M, 1.5B")
     ls.add_argument("--has-reader", action="store_true",
                     help="only datasets with a confirmed column map (usable as input.catalog)")
     _sorting(ls)
     _json(ls)
-    ls.set_defaults(func=_list)
+    ls.set_defaults(func=quiet_pipe(_list))
 
     show = sub.add_parser("show", help="every fact of one dataset, its sources and a ready run line",
                           description="Show one card: facts with their sources, unconfirmed fields, where the "
                           "metadata lives, the column map and how to run it.")
     show.add_argument("name", help="card name or alias (case and dashes ignored), e.g. laion-400m, CC3M")
     _json(show)
-    show.set_defaults(func=_show)
+    show.set_defaults(func=quiet_pipe(_show))
 
     search = sub.add_parser("search", help="find datasets by text (name, description, licence, repo, columns)",
                             description="Case-insensitive search over names, aliases, titles, descriptions, "
@@ -66,7 +69,7 @@ def add_parser(subparsers) -> None:
     search.add_argument("text", nargs="+", help="words to look for")
     _sorting(search, default=None)
     _json(search)
-    search.set_defaults(func=_search)
+    search.set_defaults(func=quiet_pipe(_search))
 
     spec = sub.add_parser("spec", help="print a ready job spec (YAML) that reads a dataset through its card",
                           description="Print a job spec for `mmcurate run`: input.catalog set to the card, "
@@ -78,13 +81,13 @@ def add_parser(subparsers) -> None:
                       "or data/NAME/)")
     spec.add_argument("--out", metavar="DIR", help="output directory (default out/NAME)")
     _json(spec)
-    spec.set_defaults(func=_spec)
+    spec.set_defaults(func=quiet_pipe(_spec))
 
     page = sub.add_parser("html", help="write one self-contained HTML page with a sortable, filterable table",
                           description="Write the whole catalog as a single HTML file (inline CSS/JS, no network).")
     page.add_argument("out", metavar="OUT.html", help="file to write")
     _json(page)
-    page.set_defaults(func=_html)
+    page.set_defaults(func=quiet_pipe(_html))
 
 
 def _count(text: str) -> float:
@@ -104,6 +107,24 @@ def _json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+def quiet_pipe(handler):
+    """Wrap a handler so that a reader that stops early (``| head``) ends the command quietly.
+
+    Python raises BrokenPipeError on the write, and again when it flushes stdout at exit; pointing
+    stdout at /dev/null after the first one lets the process end without a traceback.
+    """
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            code = handler(args)
+            sys.stdout.flush()
+            return code
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+    return run
+
+
 # -- handlers ----------------------------------------------------------------------------------------
 
 def filter_cards(cards: list[Card], modality: str | None = None, status: str | None = None,
@@ -112,7 +133,7 @@ def filter_cards(cards: list[Card], modality: str | None = None, status: str | N
     return [c for c in cards
             if (want is None or c.modality == want)
             and (status is None or c.status.state == status)
-            and (not commercial or c.license.commercial_use is True)
+            and (not commercial or c.commercial_label == "yes")
             and (min_samples is None or (c.size.samples or 0) >= min_samples)
             and (not has_reader or c.reader is not None)]
 

@@ -64,7 +64,7 @@ _JS = """
 
 COLUMNS = [("Dataset", "text"), ("Modality", "text"), ("Samples", "num"), ("Hours", "num"), ("Year", "num"),
            ("Licence", "text"), ("Commercial", "text"), ("Status", "text"), ("Metadata", "text"),
-           ("Reader", "text"), ("Paper", "text")]
+           ("Media", "text"), ("Reader", "text"), ("Paper", "text"), ("Verified", "text")]
 
 
 def render(cards: list[Card], title: str = "mmcurate dataset catalog", generated: Optional[str] = None) -> str:
@@ -87,7 +87,7 @@ that could not be confirmed from a primary source. Click a column header to sort
 <label>modality <select id="modality"><option value="">any</option>{options}</select></label>
 <label>status <select id="status"><option value="">any</option><option>available</option><option>gated</option>
 <option>withdrawn</option><option value="unconfirmed">unconfirmed</option></select></label>
-<label><input id="commercial" type="checkbox"> licence allows commercial use</label>
+<label><input id="commercial" type="checkbox"> commercial use allowed (licence, not withdrawn, not research-only)</label>
 <label>min samples (millions) <input id="minsamples" type="number" min="0" step="any" style="width:6em"></label>
 <span id="count"></span>
 </div>
@@ -120,12 +120,14 @@ def _row(card: Card) -> str:
         f'{e(human_count(card.size.hours))}</td>',
         f'<td class="num" data-value="{card.year or ""}">{card.year or ""}</td>',
         f"<td>{e(licence_label(card))}</td>",
-        f"<td>{e(card.commercial_label)}</td>",
+        f'<td title="{e(card.commercial()[1])}">{e(card.commercial_label)}</td>',
         f'<td data-value="{e(status)}"><span class="tag {e(status if card.status.state else "unknown")}">'
         f'{e(status_label(card))}</span></td>',
         f'<td>{_link(link, loc or "")}</td>',
+        f"<td>{e(card.metadata.media)}</td>",
         f"<td>{'yes' if card.reader else 'no'}</td>",
         f"<td>{_link(paper, paper_text)}</td>",
+        f"<td>{e(card.verified)}</td>",
     ]
     attrs = (f'data-modality="{e(card.modality)}" data-status="{e(status)}" '
              f'data-commercial="{e(card.commercial_label)}" data-samples="{samples if samples is not None else ""}" '

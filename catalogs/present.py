@@ -8,7 +8,7 @@ from typing import Any, Optional
 from pipeline.core.config import ConfigError, to_dict
 
 from .card import COLUMNS, REQUIRED_FACTS, Card, fact_value
-from .suggest import job_file, job_spec, run_line
+from .suggest import job_file, job_spec, recommended_job, run_line
 
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
@@ -44,15 +44,28 @@ def status_label(card: Card) -> str:
 MODALITY_ALIASES = {"image": "image-text", "video": "video-text", "interleaved": "interleaved"}
 
 
+def size_label(card: Card) -> str:
+    """``3.32M image-text pairs``: a size never goes without its unit."""
+    return f"{human_count(card.size.samples)} {card.size.unit}" if card.size.samples else ""
+
+
 def summary(card: Card) -> dict[str, Any]:
-    """The row shown by ``catalog list`` / ``search`` (and their --json)."""
+    """The row shown by ``catalog list`` / ``search`` (and their --json).
+
+    ``commercial_use`` is the licence's answer; ``commercial`` is the answer for a person choosing,
+    which also honours withdrawals and research-only requests (``commercial_reason`` says which).
+    """
+    commercial, why = card.commercial()
     return {
         "name": card.name, "title": card.title, "modality": card.modality,
-        "samples": card.size.samples, "unit": card.size.unit, "hours": card.size.hours, "year": card.year,
+        "samples": card.size.samples, "unit": card.size.unit, "size": size_label(card) or None,
+        "hours": card.size.hours, "year": card.year,
         "license": card.license.name, "commercial_use": card.license.commercial_use,
+        "commercial": commercial, "commercial_reason": why,
         "status": card.status.state, "status_date": card.status.date,
-        "metadata": card.metadata.location(), "reader": card.reader is not None,
-        "arxiv": card.paper.arxiv,
+        "metadata": card.metadata.location(), "media": card.metadata.media, "reader": card.reader is not None,
+        "disk_256px_gb": card.download.disk_256px_gb, "success_rate": card.download.success_rate,
+        "job": recommended_job(card)[0], "verified": card.verified, "arxiv": card.paper.arxiv,
     }
 
 
@@ -67,6 +80,8 @@ def details(card: Card) -> dict[str, Any]:
     data["job_spec"] = job_spec(card) if card.reader else None
     bundled = job_file(card)
     data["job_file"] = f"jobs/{bundled.name}" if bundled else None
+    data["recommended_job"], data["recommended_job_reason"] = recommended_job(card)
+    data["commercial"], data["commercial_reason"] = card.commercial()
     return data
 
 
@@ -74,18 +89,27 @@ def _plain(value: Any) -> Any:
     return to_dict(value) if hasattr(value, "__dataclass_fields__") else value
 
 
+LICENCE_WIDTH = 30  # long licence names are cut in the table; `show` has them whole
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Aligned text table of summaries."""
-    headers = ["NAME", "MODALITY", "SAMPLES", "HOURS", "YEAR", "LICENCE", "COMMERCIAL", "STATUS"]
-    lines = [[r["name"], r["modality"], human_count(r["samples"]) or "-", human_count(r["hours"]) or "-",
-              str(r["year"] or "-"), r["license"] or "unconfirmed",
-              {True: "yes", False: "no", None: "?"}[r["commercial_use"]],
-              (r["status"] or "unconfirmed") + (f" {r['status_date']}" if r["status_date"] else "")]
+    headers = ["NAME", "MODALITY", "SIZE", "HOURS", "YEAR", "LICENCE", "COMMERCIAL", "STATUS", "READER", "MEDIA",
+               "VERIFIED"]
+    lines = [[r["name"], r["modality"], r["size"] or "-", human_count(r["hours"]) or "-",
+              str(r["year"] or "-"), _cut(r["license"] or "unconfirmed", LICENCE_WIDTH),
+              {"unconfirmed": "?"}.get(r["commercial"], r["commercial"]),
+              (r["status"] or "unconfirmed") + (f" {r['status_date']}" if r["status_date"] else ""),
+              "yes" if r["reader"] else "no", r["media"], r["verified"]]
              for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
     out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     return "\n".join(out)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _note(text: str) -> str:
@@ -96,8 +120,11 @@ def render_show(card: Card) -> str:
     """The human-readable ``catalog show`` page."""
     lines = [f"{card.title}  [{card.name}]", "=" * min(78, len(card.title) + len(card.name) + 4)]
     if card.status.state == "withdrawn":
-        succ = f" Use {card.status.successor} instead." if card.status.successor else ""
-        lines.append(f"WITHDRAWN {card.status.date or ''}: {card.status.note.strip()}{succ}")
+        # The note says why; the successor is a field of its own, so the banner names it once.
+        lines.append(textwrap.fill(f"WITHDRAWN{' ' + card.status.date if card.status.date else ''}: "
+                                   + " ".join(card.status.note.split()), 100))
+        if card.status.successor:
+            lines.append(f"Use instead: {card.status.successor}")
         lines.append("")
     lines.append(textwrap.fill(" ".join(card.description.split()), 100))
     lines.append("")
@@ -108,9 +135,8 @@ def render_show(card: Card) -> str:
             text, refs = "(unconfirmed)", ""
         lines.append(f"  {label:<14} {text or '-'}{'  ' + refs if refs and text else ''}")
 
-    size = human_count(card.size.samples)
-    size_text = f"{size} {card.size.unit} ({card.size.samples:,})" if card.size.samples else None
-    fact("size", "size.samples", size_text)
+    size_text = f"{size_label(card)} ({card.size.samples:,})" if card.size.samples else None
+    fact("size", "size.samples", size_text if size_text else f"- {card.size.unit}")
     extra = [f"{human_count(v)} {k}" for k, v in (("hours", card.size.hours), ("videos", card.size.videos),
                                                   ("images", card.size.images), ("documents", card.size.documents),
                                                   ("tokens", card.size.tokens)) if v]
@@ -123,12 +149,22 @@ def render_show(card: Card) -> str:
     fact("paper", "paper", paper or None)
     fact("homepage", "homepage", card.homepage)
     fact("licence", "license.name", card.license.name)
-    fact("commercial use", "license.commercial_use", card.commercial_label)
+    commercial, why = card.commercial()
+    fact("commercial use", "license.commercial_use", f"{commercial} ({why})")
+    if card.license.research_only:
+        fact("research only", "license.research_only", "yes")
     if card.license.note:
         lines.append(_note(card.license.note))
     fact("status", "status", status_label(card))
     if card.status.note and card.status.state != "withdrawn":
         lines.append(_note(card.status.note))
+    fact("verified", "verified", card.verified)
+    download = [f"{human_count(card.download.disk_256px_gb)} GB at 256 px" if card.download.disk_256px_gb else "",
+                f"{card.download.success_rate:.0%} of URLs downloaded" if card.download.success_rate else ""]
+    if any(download):
+        fact("download", "download", ", ".join(d for d in download if d))
+        if card.download.note:
+            lines.append(_note(card.download.note))
     lines.append("")
     lines.append("Metadata")
     fact("location", "metadata.location", card.metadata.location())
@@ -166,5 +202,6 @@ def render_show(card: Card) -> str:
         lines.append(f"  [{i}] {src.title or src.url}")
         lines.append(f"      {src.url}")
         lines.append(f"      supports: {', '.join(src.facts)}")
-    lines += ["", "Run", f"  {run_line(card)}"]
+    job, why = recommended_job(card)
+    lines += ["", "Run", f"  {run_line(card)}", f"  recommended job: {job or 'none'} ({why})"]
     return "\n".join(lines)

@@ -108,7 +108,7 @@ class ReadPlan:
         rows = None
         for name, path in [*self.columns.items(), *self.extras.items()]:
             path = path.pick(chunk)
-            if path.is_column:
+            if isinstance(path, Path) and path.is_column:
                 values = chunk.get(path.column, [None] * n)
             else:
                 rows = rows if rows is not None else _row_dicts(chunk, n)

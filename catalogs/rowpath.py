@@ -1,7 +1,7 @@
 """Source paths of a card's column map: ``col``, ``col.key``, ``col[other.path]`` and ``@index``.
 
-``A|B`` lists alternatives: the first whose top-level column the file has is used (for datasets
-whose releases spell a column differently).
+``A|B`` lists alternatives: per row, the first non-null value among the columns the file has (for
+datasets whose releases spell a column differently, or that fill one of several caption columns).
 
 A path is compiled once per card and then resolved against a row (a mapping of source columns,
 plus ``@index`` for exploded rows). Missing keys, out-of-range indices and nulls resolve to None.
@@ -65,7 +65,7 @@ class Path:
 
 @dataclass(frozen=True)
 class Choice:
-    """Alternatives ``A|B``: per row the first non-null value; for whole columns the first present."""
+    """Alternatives ``A|B``: per row the first non-null value of the columns the file has."""
     text: str
     options: tuple[Path, ...]
 
@@ -80,11 +80,12 @@ class Choice:
     def columns(self) -> set[str]:
         return set().union(*(p.columns() for p in self.options))
 
-    def pick(self, available) -> Path:
-        for p in self.options:
-            if p.column in available:
-                return p
-        return self.options[0]
+    def pick(self, available) -> "Path | Choice":
+        """The one option the file has; when it has several, the choice itself (resolved per row)."""
+        present = [p for p in self.options if p.column in available]
+        if len(present) > 1:
+            return self
+        return present[0] if present else self.options[0]
 
     def resolve(self, row: dict[str, Any]) -> Any:
         for p in self.options:

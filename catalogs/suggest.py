@@ -49,6 +49,26 @@ def job_file(card: Card) -> Optional[Path]:
     return path if path.is_file() else None
 
 
+def recommended_job(card: Card) -> tuple[Optional[str], str]:
+    """The bundled job to start from (``jobs/NAME.yaml``, or None) and why that one."""
+    if card.status.state == "withdrawn" and card.status.successor:
+        from . import load_card  # the package imports this module's users, not the other way round
+
+        successor = load_card(card.status.successor)
+        target = job_file(successor)
+        own = f"; jobs/{job_file(card).name} reads a copy you already hold" if job_file(card) else ""
+        return (f"jobs/{target.name}" if target else None,
+                f"withdrawn: start from its successor {successor.name}{own}")
+    if card.reader is None:
+        return None, "no reader: convert the metadata to rows, then write input.url_col / input.caption_col"
+    bundled = job_file(card)
+    if bundled is None:
+        return None, "no bundled job yet: `mmcurate catalog spec` writes one"
+    note = "withdrawn: only for a copy you already hold" if card.status.state == "withdrawn" else \
+        f"download settings for {card.metadata.media} media"
+    return f"jobs/{bundled.name}", note
+
+
 def run_line(card: Card) -> str:
     """One shell line that runs the card: the bundled job spec if there is one, else a generated one."""
     if card.reader is None:

@@ -1,31 +1,19 @@
 """`mmcurate catalog ...`, the HTML page and the bundled job specs."""
 from __future__ import annotations
 
-import json
 from html.parser import HTMLParser
 
 import pytest
 import yaml
 
 from catalogs import all_cards, load_card
+from helpers.catalog_cli import run, run_json
 from helpers.paths import REPO
 from pipeline.cli.main import main
 from pipeline.job.spec import load_job
 
-JOBS = ["laion-400m", "relaion-5b-research-safe", "coyo-700m", "datacomp-commonpool-medium", "cc3m", "cc12m",
-        "webvid-10m", "panda-70m", "internvid"]
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main(["catalog", *argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def run_json(capsys, *argv):
-    code, out, _ = run(capsys, *argv, "--json")
-    assert code == 0
-    return json.loads(out)
+# Every bundled job (one per card with a reader: the recommended job of `catalog show`).
+JOBS = sorted(p.stem for p in (REPO / "jobs").glob("*.yaml") if p.stem != "demo")
 
 
 def test_list_text_and_json(capsys):

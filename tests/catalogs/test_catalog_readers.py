@@ -192,12 +192,13 @@ def offline_hub(tmp_path, monkeypatch):
 
 def test_hub_dataset_from_the_local_cache(offline_hub):
     part = Path(sample("datacomp-commonpool-medium")[0])
-    _hub_cache(offline_hub, "mlfoundations/datacomp_pools",
-               {"medium/0000.parquet": part, "medium/0001.parquet": part, "small/0000.parquet": part})
-    for entry in ("hf://datasets/mlfoundations/datacomp_pools", "mlfoundations/datacomp_pools"):
+    # one repo per scale, parquet parts at its root (DataComp's download_upstream.py)
+    _hub_cache(offline_hub, "mlfoundations/datacomp_medium",
+               {"0000.parquet": part, "0001.parquet": part, "0000.npz": part})
+    for entry in ("hf://datasets/mlfoundations/datacomp_medium", "mlfoundations/datacomp_medium"):
         rows = read("datacomp-commonpool-medium", files=[entry])
-        assert len(rows["url"]) == 4  # medium/ only, per the card's file pattern
-    rows = read("datacomp-commonpool-medium", files=["hf://datasets/mlfoundations/datacomp_pools/small/*.parquet"])
+        assert len(rows["url"]) == 4  # the parquet parts only, per the card's file pattern
+    rows = read("datacomp-commonpool-medium", files=["hf://datasets/mlfoundations/datacomp_medium/0001.parquet"])
     assert len(rows["url"]) == 2
 
 
