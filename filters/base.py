@@ -8,13 +8,18 @@ writes one of:
 
 A rejected row gets status ``filtered`` with the filter's name as its error kind, so every shard's
 stats count rejections per filter.
+
+A filter that reads CLIP image embeddings (aesthetic, nsfw, semantic dedup) overrides
+``clip_embedding()`` to return the ``(model, pretrained)`` it needs; ``filters.build_filters`` then
+makes one ``clip_score`` stage of that CLIP, before it, put them in the batch under
+``filters.clip_score.IMAGE_EMBEDDING`` (one image pass per sample, however many filters read it).
 """
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal, Optional
 
 from pipeline.core import schema
-from pipeline.core.config import from_dict, to_dict
+from pipeline.core.config import ConfigError, from_dict, to_dict
 from pipeline.core.schema import Batch
 from pipeline.core.stage import Stage
 
@@ -60,6 +65,11 @@ class Filter(Stage):
     def reject(self, batch: Batch, i: int, message: str) -> None:
         schema.reject(batch, i, self.name, message)
 
+    def clip_embedding(self) -> Optional[tuple[str, Optional[str]]]:
+        """The CLIP ``(model, pretrained)`` whose image embeddings this filter reads from the batch
+        (column ``filters.clip_score.IMAGE_EMBEDDING``), or None when it reads none."""
+        return None
+
     def fingerprint(self) -> Optional[dict[str, Any]]:
         return {"filter": self.name, "options": to_dict(self.config)}
 
@@ -73,3 +83,29 @@ def alive_with_image(batch: Batch) -> tuple[list[int], list[bytes]]:
             idx.append(i)
             images.append(data)
     return idx, images
+
+
+def with_preset(raw: Any, presets: dict[str, dict[str, Any]], path: str) -> dict[str, Any]:
+    """A filter's options over the values of the ``preset`` they name; keys given next to it win."""
+    raw = dict(raw or {})
+    preset = raw.pop("preset", None)
+    if preset is None:
+        return raw
+    if preset not in presets:
+        raise ConfigError(f"{path}.preset: unknown preset {preset!r} (known: {', '.join(presets)})")
+    return {**presets[preset], **raw}
+
+
+def score_problem(label: str, score: float, min: Optional[float], max: Optional[float],
+                  threshold: Optional[float], top_fraction: Optional[float],
+                  higher_is_better: bool = True) -> Optional[str]:
+    """Why a score breaks its rules (``min``, ``max``, the ``top_fraction`` cut ``threshold``; which
+    side of the cut is kept: ``higher_is_better``), or None."""
+    if min is not None and score < min:
+        return f"{label} {score:.4f} below min {min:g}"
+    if max is not None and score > max:
+        return f"{label} {score:.4f} above max {max:g}"
+    if threshold is not None and (score < threshold if higher_is_better else score > threshold):
+        side = "below" if higher_is_better else "above"
+        return f"{label} {score:.4f} {side} the top {top_fraction:.0%} threshold {threshold:.4f}"
+    return None

@@ -117,3 +117,20 @@ def file_digest(path: str, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def embedding_width(model: str) -> int | None:
+    """The width of ``model``'s image embedding, read from its config without the weights (None:
+    not known before loading, as for an ``hf-hub:`` model)."""
+    import json
+
+    import open_clip
+
+    if model.startswith("local-dir:"):
+        path = Path(model[len("local-dir:"):]) / "open_clip_config.json"
+        cfg = json.loads(path.read_text()).get("model_cfg", {}) if path.is_file() else {}
+    elif model.startswith("hf-hub:"):
+        cfg = {}
+    else:
+        cfg = open_clip.get_model_config(register_model(model)[0]) or {}
+    return cfg.get("embed_dim")

@@ -8,6 +8,12 @@ threshold is the quantile of the scores of the first ``sample_size`` rows, compu
 next to a preset override it. Every scored row gets ``clip_score``; with ``store_embeddings``
 the image embedding is written as ``KEY.clip.npy`` (float16, L2-normalised).
 
+This is the job's one CLIP image pass. When later filters read image embeddings (aesthetic,
+nsfw, semantic dedup: ``Filter.clip_embedding()``), ``filters.build_filters`` sets
+``share_embeddings`` on the clip_score stage of their CLIP (adding one with ``captions: false``,
+image tower only, no score, when the job has none), and the stage puts each kept row's
+L2-normalised float32 embedding in the transient column ``IMAGE_EMBEDDING`` (None elsewhere).
+
 The device (``ModelStage.place``), the precision and the decoder are resolved once, in the
 driver, and pickled with the stage: every worker scores the same way, whatever GPUs its process
 sees, the fingerprint records what they resolved to, and the ``top_fraction`` sample pass scores
@@ -30,11 +36,14 @@ from pipeline.core.schema import Batch
 from pipeline.core.stage import JobContext
 from pipeline.media.npy import npy_bytes
 
-from .base import Filter, alive_with_image
+from .base import Filter, alive_with_image, with_preset
 from .clip_model import RANDOM_WEIGHTS, absolute_if_path, file_digest, is_config_path
 from .clip_scorer import TORCH_RESIZE_MODES, resolve_decode, resolve_precision
 
 COLUMN = "clip_score"
+# Transient batch column: per row the L2-normalised float32 image embedding (or None), for the
+# filters after this one that need it (one image pass per sample); never written.
+IMAGE_EMBEDDING = schema.CLIP_IMAGE_EMBEDDING
 SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip ids that carry their own weights (pretrained is ignored)
 EMBEDDING_FILE = "clip.npy"
 PRESETS: dict[str, dict[str, Any]] = {
@@ -59,6 +68,7 @@ class ClipScoreConfig:
     draft: bool = True                  # pil: JPEG DCT-domain downscale when >= 2x the model input
     decode_threads: int = 2
     store_embeddings: bool = False
+    captions: bool = True               # false: image embeddings only (no text tower, no clip_score)
 
     def validate(self) -> None:
         if not self.pretrained and not self.model.startswith(SCHEMAS):
@@ -73,6 +83,19 @@ class ClipScoreConfig:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.num_gpus <= 0:
             raise ConfigError(f"num_gpus: must be > 0, got {self.num_gpus}")
+        if not self.captions and (self.min is not None or self.top_fraction is not None):
+            raise ConfigError(f"captions: false computes no clip score, so min ({self.min}) and top_fraction "
+                              f"({self.top_fraction}) cannot apply")
+
+    @property
+    def clip(self) -> tuple[str, Optional[str]]:
+        return clip_id(self.model, self.pretrained)
+
+
+def clip_id(model: str, pretrained: Optional[str]) -> tuple[str, Optional[str]]:
+    """Which CLIP this is, comparable across filters: (model, pretrained), paths made absolute,
+    pretrained None where the model id carries its own weights."""
+    return absolute_if_path(model), None if model.startswith(SCHEMAS) else absolute_if_path(pretrained)
 
 
 class ClipScoreFilter(ModelStage, Filter):
@@ -87,20 +110,22 @@ class ClipScoreFilter(ModelStage, Filter):
         self._fingerprint: Optional[dict] = None
         self._resize_mode: Optional[str] = None  # open_clip's for this model, read once in the driver
         self._settings: Optional[dict[str, str]] = None
+        self.share_embeddings = False  # set by build_filters when later filters read IMAGE_EMBEDDING
+
+    @classmethod
+    def embedder(cls, model: str, pretrained: Optional[str]) -> "ClipScoreFilter":
+        """An image-only stage of this CLIP, for filters that read its embeddings."""
+        stage = cls(ClipScoreConfig(model=model, pretrained=pretrained, captions=False))
+        stage.share_embeddings = True
+        return stage
 
     @classmethod
     def parse(cls, raw: Any, path: str) -> ClipScoreConfig:
-        raw = dict(raw or {})
-        preset = raw.pop("preset", None)
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ConfigError(f"{path}.preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-            raw = {**PRESETS[preset], **raw}
-        return from_dict(ClipScoreConfig, raw, path)
+        return from_dict(ClipScoreConfig, with_preset(raw, PRESETS, path), path)
 
     @property
     def columns(self) -> dict[str, str]:
-        return {COLUMN: "double"}
+        return {COLUMN: "double"} if self.config.captions else {}
 
     def check(self) -> None:
         import open_clip
@@ -151,12 +176,13 @@ class ClipScoreFilter(ModelStage, Filter):
         c, s = self.config, self.settings
         clip = load_clip(c.model, c.pretrained, device=device)
         return ClipScorer(clip, batch_size=c.batch_size, precision=s["precision"], decode=s["decode"],
-                          draft=c.draft, threads=c.decode_threads)
+                          draft=c.draft, threads=c.decode_threads,
+                          tokenize_processes=None if c.captions else 0)
 
     def _score(self, batch: Batch, scorer, embeddings: bool = False):
         """Scores of the alive rows with an image; undecodable images are marked here."""
         idx, images = alive_with_image(batch)
-        captions = [batch[schema.CAPTION][i] or "" for i in idx]
+        captions = [batch[schema.CAPTION][i] or "" for i in idx] if self.config.captions else None
         result = scorer.score(images, captions, embeddings=embeddings)
         for pos, (kind, message) in result.errors.items():
             schema.mark(batch, idx[pos], kind, f"{self.name}: {message}")
@@ -169,24 +195,37 @@ class ClipScoreFilter(ModelStage, Filter):
             raise RuntimeError("clip_score: top_fraction needs its threshold: the job runs prepare() or "
                                "restore() before any shard")
         try:
-            idx, ok, result = self._score(batch, self.model, embeddings=o.store_embeddings)
+            idx, ok, result = self._score(batch, self.model,
+                                          embeddings=o.store_embeddings or self.share_embeddings)
         except Exception as e:
             if poisons_device(e):  # every later batch of this worker would fail too: replace it
                 raise self.lost_device(e) from e
             raise
+        if self.share_embeddings:  # replaces any other CLIP's: the filters after this one read this one's
+            batch[IMAGE_EMBEDDING] = [None] * schema.batch_len(batch)
+        if not o.captions:
+            for p in ok:
+                self._keep(batch, idx[p], result.image_embeddings[p])
+            return batch
         rows = [idx[p] for p in ok]
         scores = [float(result.scores[p]) for p in ok]
         schema.set_column(batch, COLUMN, rows, scores)
-        files = batch[schema.FILES]
         for p, i, score in zip(ok, rows, scores):
             if o.min is not None and score < o.min:
                 self.reject(batch, i, f"clip score {score:.4f} below min {o.min:g}")
             elif self.threshold is not None and score < self.threshold:
                 self.reject(batch, i, f"clip score {score:.4f} below the top {o.top_fraction:.0%} "
                                       f"threshold {self.threshold:.4f}")
-            elif o.store_embeddings:
-                files[i][EMBEDDING_FILE] = npy_bytes(result.image_embeddings[p])
+            else:
+                self._keep(batch, i, None if result.image_embeddings is None else result.image_embeddings[p])
         return batch
+
+    def _keep(self, batch: Batch, i: int, embedding: Optional[np.ndarray]) -> None:
+        """A kept row's embedding: in the tar (store_embeddings), for the filters after (shared)."""
+        if self.config.store_embeddings:
+            batch[schema.FILES][i][EMBEDDING_FILE] = npy_bytes(embedding.astype(np.float16))
+        if self.share_embeddings:
+            batch[IMAGE_EMBEDDING][i] = embedding
 
     # -- the top_fraction threshold, once per job ------------------------------------------------
     def prepare(self, context: JobContext) -> dict[str, Any] | None:
@@ -221,6 +260,8 @@ class ClipScoreFilter(ModelStage, Filter):
             o = self.config
             fp: dict[str, Any] = {"filter": self.name, "model": o.model, "pretrained": o.pretrained,
                                   **self.settings, "draft": o.draft}
+            if not o.captions:
+                fp["captions"] = False
             if is_config_path(o.model):
                 fp["model"], fp["model_config_sha256"] = os.path.basename(o.model), file_digest(o.model)
             if o.pretrained and os.path.isfile(o.pretrained):

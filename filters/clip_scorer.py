@@ -15,7 +15,8 @@ Two decoders produce the model's input:
   rejects (unusual chroma subsampling, arithmetic coding, 12-bit), go through PIL. It implements
   open_clip's ``shortest`` resize mode only: ``decode: auto`` picks it on CUDA for such models.
 
-Captions go through the model's own open_clip tokenizer, which is pure Python (about 14k
+Without captions (``score(images, None, embeddings=True)``) only the image tower runs: the image
+embeddings other filters read. Captions go through the model's own open_clip tokenizer, which is pure Python (about 14k
 captions/s on one thread, holding the GIL the model thread needs to launch its kernels): on CUDA
 it runs in a process of its own, which gives the same ids.
 
@@ -213,13 +214,13 @@ class Prepared:
     pixels: torch.Tensor       # the decodable images, preprocessed
     ok: list[int]              # their positions within the batch, row by row of ``pixels``
     errors: dict[int, Problem]  # position within the batch -> why it could not be decoded
-    tokens: torch.Tensor       # every caption of the batch, tokenized
+    tokens: Optional[torch.Tensor]  # every caption of the batch, tokenized (None: no captions)
 
 
 @dataclass
 class Scores:
-    scores: np.ndarray                 # float32, NaN where the image could not be decoded
-    image_embeddings: Optional[np.ndarray]  # float16 [n, dim], L2-normalised, when asked for
+    scores: np.ndarray                 # float32, NaN where the image could not be decoded (or no captions)
+    image_embeddings: Optional[np.ndarray]  # float32 [n, dim], L2-normalised, when asked for
     errors: dict[int, Problem]         # position -> (ErrorKind, why the image could not be decoded)
 
 
@@ -243,35 +244,41 @@ class ClipScorer:
         if self.text_pool is not None:
             self.text_pool.shutdown(wait=False, cancel_futures=True)
 
-    def _start(self, images: list[bytes], captions: list[str]):
+    def _start(self, images: list[bytes], captions: Optional[list[str]]):
         decoded = self.decoder.start(self.pool, images)
-        if self.text_pool is None:
+        if captions is None:
+            tokens = None
+        elif self.text_pool is None:
             tokens = self.pool.submit(self.clip.tokenizer, captions)
         else:
             tokens = self.text_pool.submit(_tokenize, captions)
         return decoded, tokens
 
-    def _embed(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed(self, pixels: torch.Tensor, tokens: Optional[torch.Tensor]
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """L2-normalised float32 image embeddings, and text ones when there are tokens."""
         device, model = self.clip.device, self.clip.model
         amp = torch.autocast(device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
         with torch.inference_mode(), amp:
             image = model.encode_image(pixels.to(device, non_blocking=True))
-            text = model.encode_text(tokens.to(device, non_blocking=True))
-        return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+            text = None if tokens is None else model.encode_text(tokens.to(device, non_blocking=True))
+        return F.normalize(image.float(), dim=-1), None if text is None else F.normalize(text.float(), dim=-1)
 
-    def batches(self, images: list[bytes], captions: list[str]) -> Iterator[Prepared]:
+    def batches(self, images: list[bytes], captions: Optional[list[str]]) -> Iterator[Prepared]:
         """The model's inputs, batch by batch; the next batch decodes on the pool while the caller
         works on the one it was given."""
         n, bs = len(images), self.batch_size
-        pending = self._start(images[:bs], captions[:bs]) if n else None
+        pending = self._start(images[:bs], None if captions is None else captions[:bs]) if n else None
         for start in range(0, n, bs):
             decoded, tokens = pending
             if start + bs < n:
-                pending = self._start(images[start + bs:start + 2 * bs], captions[start + bs:start + 2 * bs])
+                pending = self._start(images[start + bs:start + 2 * bs],
+                                      None if captions is None else captions[start + bs:start + 2 * bs])
             pixels, ok, errors = decoded()
-            yield Prepared(start, pixels, ok, errors, torch.as_tensor(tokens.result()))
+            yield Prepared(start, pixels, ok, errors, None if tokens is None else torch.as_tensor(tokens.result()))
 
-    def score(self, images: list[bytes], captions: list[str], embeddings: bool = False) -> Scores:
+    def score(self, images: list[bytes], captions: Optional[list[str]], embeddings: bool = False) -> Scores:
+        """Cosine similarity of each image with its caption (captions None: image embeddings only)."""
         scores = np.full(len(images), np.nan, dtype=np.float32)
         stored: Optional[np.ndarray] = None
         errors: dict[int, Problem] = {}
@@ -279,11 +286,12 @@ class ClipScorer:
             errors.update({b.start + k: msg for k, msg in b.errors.items()})
             if not b.ok:
                 continue
-            image, text = self._embed(b.pixels, b.tokens[b.ok])
+            image, text = self._embed(b.pixels, None if b.tokens is None else b.tokens[b.ok])
             rows = np.asarray(b.ok) + b.start
-            scores[rows] = (image * text).sum(-1).cpu().numpy()
+            if text is not None:
+                scores[rows] = (image * text).sum(-1).cpu().numpy()
             if embeddings:
                 if stored is None:
-                    stored = np.zeros((len(images), image.shape[1]), dtype=np.float16)
-                stored[rows] = image.cpu().numpy().astype(np.float16)
+                    stored = np.zeros((len(images), image.shape[1]), dtype=np.float32)
+                stored[rows] = image.cpu().numpy()
         return Scores(scores, stored, errors)

@@ -1,9 +1,12 @@
 """``mmcurate report OUTPUT_DIR``: one self-contained HTML page about a job's output.
 
-Totals, statuses, error kinds, rejections per filter, time per stage, and histograms (CLIP score,
-original size, aspect ratio, caption length) drawn with matplotlib and embedded as PNG. It reads
-the per-shard sidecars (``NNNNN_stats.json``, ``NNNNN.parquet``) and ``manifest.json``, one shard
-at a time into fixed-bin histograms, so memory does not grow with the job. OUTPUT_DIR is a local
+Totals, statuses, error kinds, rejections per filter, time per stage, and histograms drawn with
+matplotlib and embedded as PNG: every score (those the job's filters computed and the published
+ones kept from the input, found by :mod:`pipeline.cli.report_scores`, with the thresholds drawn
+and written under each), original size, aspect ratio and caption length, each split into
+samples written and samples dropped. It reads the per-shard sidecars (``NNNNN_stats.json``,
+``NNNNN.parquet``) and ``manifest.json`` one shard at a time, in two passes (the scores' ranges,
+then fixed-bin histograms over them), so memory does not grow with the job. OUTPUT_DIR is a local
 path or an fsspec URL (``s3://``, ``gs://``, ``memory://`` ...), read through
 :class:`pipeline.sinks.storage.Directory`; the page is written next to the shards unless ``--out``
 says where (a path or URL).
@@ -27,12 +30,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.cli import report_scores
 from pipeline.cli.inspect import open_output
 from pipeline.core import schema
 from pipeline.sinks.storage import Directory
 
 SHARD_STATS = re.compile(r"^(\d{5,})_stats\.json$")
-CLIP_COLUMN = "clip_score"
+SCORE_BINS = 100
+MARK_COLOURS = ("black", "#c0392b", "#27ae60", "#8e44ad")
+SCORE_LIMIT = 1e12  # no score is this large; a value that is still gets drawn
 
 
 @dataclass
@@ -47,6 +53,7 @@ class Histogram:
     kept: np.ndarray = field(init=False)
     dropped: np.ndarray = field(init=False)
     marks: list[tuple[float, str]] = field(default_factory=list)  # vertical lines: (x, label)
+    note: str = ""  # what it shows, under the plot
 
     def __post_init__(self) -> None:
         self.kept = np.zeros(len(self.edges) - 1, dtype=np.int64)
@@ -70,6 +77,8 @@ class Histogram:
         import matplotlib.pyplot as plt
 
         used = np.nonzero(self.kept + self.dropped)[0]
+        marked = np.searchsorted(self.edges, [x for x, _ in self.marks], side="right") - 1
+        used = np.concatenate([used, np.clip(marked, 0, len(self.kept) - 1)])  # thresholds stay in view
         lo, hi = max(used.min() - 3, 0), min(used.max() + 4, len(self.kept))  # a little margin
         edges = self.edges[lo:hi + 1]
         fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=100)
@@ -77,8 +86,8 @@ class Histogram:
         ax.bar(edges[:-1], self.kept[lo:hi], width=widths, align="edge", color="#3b7dd8", label="written")
         ax.bar(edges[:-1], self.dropped[lo:hi], width=widths, align="edge", bottom=self.kept[lo:hi],
                color="#d8893b", label="dropped")
-        for x, label in self.marks:
-            ax.axvline(x, color="black", linestyle="--", linewidth=1, label=label)
+        for n, (x, label) in enumerate(self.marks):  # one colour per threshold (min, max, top_fraction ...)
+            ax.axvline(x, color=MARK_COLOURS[n % len(MARK_COLOURS)], linestyle="--", linewidth=1, label=label)
         if self.log_x:
             from matplotlib.ticker import FormatStrFormatter
 
@@ -98,7 +107,6 @@ class Histogram:
 
 def _histograms() -> dict[str, Histogram]:
     return {
-        "clip": Histogram("CLIP score", "cosine similarity of image and caption", np.linspace(-1, 1, 401)),
         "size": Histogram("Original size", "longer side (pixels)", np.geomspace(1, 65536, 97), log_x=True),
         "aspect": Histogram("Aspect ratio", "width / height", np.geomspace(1 / 16, 16, 97), log_x=True),
         "caption": Histogram("Caption length", "words", np.arange(0, 102, 2)),
@@ -110,7 +118,7 @@ def _column(table: pa.Table, name: str) -> Optional[np.ndarray]:
         return None
     column = table.column(name)
     if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
-        return None  # e.g. all null: the stage never scored anything here
+        return None  # e.g. all null: the stage never scored anything here; or text, not a score
     return column.to_numpy(zero_copy_only=False).astype(np.float64)
 
 
@@ -134,7 +142,8 @@ class Summary:
     kinds: Counter = field(default_factory=Counter)
     filtered: Counter = field(default_factory=Counter)  # the kinds that are filters' names
     timings: Counter = field(default_factory=Counter)
-    histograms: dict[str, Histogram] = field(default_factory=_histograms)
+    histograms: dict[str, Histogram] = field(default_factory=_histograms)  # scores by column, then the rest
+    notes: list[str] = field(default_factory=list)  # what the report could not use, and why
 
     @property
     def rows(self) -> int:
@@ -148,8 +157,14 @@ def summarize(output_dir: str | Path | Directory, storage_options: Optional[dict
     if not stats_files:
         raise FileNotFoundError(f"{directory.url}: no complete shard (no NNNNN_stats.json) to report on")
     manifest = json.loads(directory.read_bytes("manifest.json")) if "manifest.json" in names else {}
-    summary = Summary(directory.url, manifest)
-    h = summary.histograms
+    tables = [t for t in (n.replace("_stats.json", ".parquet") for n in stats_files) if t in names]
+    scores = report_scores.plan(manifest if isinstance(manifest, dict) else {})
+    summary = Summary(directory.url, manifest, notes=scores.notes)
+    drawn = _score_histograms(directory, tables, scores)
+    for clash in sorted(drawn.keys() & summary.histograms.keys()):  # an input column called "aspect"
+        summary.notes.append(f"{clash}: the name of one of the report's own histograms; not drawn")
+        del drawn[clash]
+    summary.histograms = h = {**drawn, **summary.histograms}
     for name in stats_files:
         stats = json.loads(directory.read_bytes(name))
         summary.shards += 1
@@ -158,41 +173,67 @@ def summarize(output_dir: str | Path | Directory, storage_options: Optional[dict
         summary.kinds.update(stats.get("error_kinds", {}))
         summary.filtered.update(stats.get("filtered", {}))
         summary.timings.update(stats.get("timings", {}))
-        table_name = name.replace("_stats.json", ".parquet")
-        if table_name not in names:
-            continue
-        table = _status_table(directory, table_name)
+    for name in tables:
+        table = _status_table(directory, name, list(drawn))
         kept = pc.fill_null(pc.equal(table.column(schema.STATUS), schema.SUCCESS), False).to_numpy(
             zero_copy_only=False)
         width, height = _column(table, schema.ORIGINAL_WIDTH), _column(table, schema.ORIGINAL_HEIGHT)
-        for name, values in (("clip", _column(table, CLIP_COLUMN)), ("caption", _words(table)),
-                             ("size", None if width is None else np.fmax(width, height)),
-                             ("aspect", None if width is None else width / height)):
+        for key, values in (*((s, _column(table, s)) for s in drawn), ("caption", _words(table)),
+                            ("size", None if width is None else np.fmax(width, height)),
+                            ("aspect", None if width is None else width / height)):
             if values is not None:
-                h[name].add(values, kept)
-    _mark_clip_rules(summary)
+                h[key].add(values, kept)
     return summary
 
 
-def _status_table(directory: Directory, name: str) -> pa.Table:
+def _status_table(directory: Directory, name: str, scores: list[str]) -> pa.Table:
     """The columns of one status table the report draws (those it has)."""
-    wanted = [schema.STATUS, schema.CAPTION, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, CLIP_COLUMN]
+    wanted = [schema.STATUS, schema.CAPTION, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, *scores]
+    return _read(directory, name, wanted)
+
+
+def _read(directory: Directory, name: str, columns: list[str]) -> pa.Table:
     with directory.open(name) as f:
         table = pq.ParquetFile(f)
-        return table.read(columns=[c for c in wanted if c in table.schema_arrow.names])
+        return table.read(columns=[c for c in columns if c in table.schema_arrow.names])
 
 
-def _mark_clip_rules(summary: Summary) -> None:
-    """Draw the clip_score thresholds the job used (``min`` and the stored top_fraction cut)."""
-    job, state = summary.manifest.get("job", {}), summary.manifest.get("stage_state", {})
-    for entry in job.get("filters", []):
-        options = entry.get("clip_score") if isinstance(entry, dict) else None
-        if isinstance(options, dict) and options.get("min") is not None:
-            summary.histograms["clip"].marks.append((float(options["min"]), f"min {options['min']}"))
-    for key, value in state.items():
-        if key.split("#")[0] == "clip_score" and isinstance(value, dict) and value.get("threshold") is not None:
-            summary.histograms["clip"].marks.append(
-                (value["threshold"], f"top {value.get('top_fraction', 0):.0%}: {value['threshold']:.3f}"))
+def _score_histograms(directory: Directory, tables: list[str],
+                      plan: report_scores.Plan) -> dict[str, Histogram]:
+    """A histogram per score with values, its bins over the range of its values in every shard
+    and of its thresholds (the first pass). A computed score without values gets an empty one
+    (the page says so); a published column without numbers is not a score, and is left out."""
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+    for name in tables if plan.scores else ():
+        table = _read(directory, name, list(plan.scores))
+        for column in plan.scores:
+            values = _column(table, column)
+            values = values[np.isfinite(values)] if values is not None else values
+            if values is not None and len(values):
+                lo[column] = min(lo.get(column, np.inf), values.min())
+                hi[column] = max(hi.get(column, -np.inf), values.max())
+    out = {}
+    for column, score in plan.scores.items():
+        if column not in lo and not score.computed:
+            continue
+        marks = [x for x, _ in score.marks]
+        edges = _edges(min([lo.get(column, np.inf), *marks]), max([hi.get(column, -np.inf), *marks]))
+        kind = "computed score" if score.computed else "published score"
+        out[column] = Histogram(column, kind, edges, marks=list(score.marks), note=score.note)
+    return out
+
+
+def _edges(lo: float, hi: float) -> np.ndarray:
+    """SCORE_BINS equal bins from lo to hi, within +-SCORE_LIMIT (values beyond pile into the end
+    bins: no plot spans such a range); a single value gets a bin around it."""
+    if not np.isfinite(lo) or not np.isfinite(hi):  # no value and no threshold: any bins do
+        lo, hi = 0.0, 1.0
+    lo, hi = max(lo, -SCORE_LIMIT), min(hi, SCORE_LIMIT)
+    if lo >= hi:
+        pad = max(abs(lo), 1.0) * 0.05
+        lo, hi = lo - pad, lo + pad
+    return np.linspace(lo, hi, SCORE_BINS + 1)
 
 
 # -- HTML ----------------------------------------------------------------------------------------
@@ -242,16 +283,25 @@ def render(summary: Summary) -> str:
         parts += ["<h2>Time per stage</h2><p class='muted'>seconds, summed over shards and workers</p>",
                   _table(["stage", "seconds"], [[k, float(v)] for k, v in summary.timings.most_common()])]
     parts.append("<h2>Distributions</h2><div class='grid'>")
-    for hist in summary.histograms.values():
-        if hist.total:
-            data = base64.b64encode(hist.png()).decode()
-            parts.append(f"<figure><img alt='{html.escape(hist.title)}' src='data:image/png;base64,{data}'>"
-                         f"<figcaption class='muted'>{html.escape(hist.title)}: {hist.total:,} samples"
-                         f"</figcaption></figure>")
-        else:
-            parts.append(f"<p class='muted'>{html.escape(hist.title)}: no values in this output.</p>")
-    parts.append("</div></body></html>\n")
+    parts += [_figure(hist) for hist in summary.histograms.values()]
+    parts.append("</div>")
+    if summary.notes:
+        parts += ["<h2>Notes</h2><ul>", *(f"<li>{html.escape(n)}</li>" for n in summary.notes), "</ul>"]
+    parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def _figure(hist: Histogram) -> str:
+    """A histogram as an embedded PNG, captioned with its count, what it shows and its thresholds
+    (also as text: the legend is inside the picture)."""
+    title = html.escape(hist.title)
+    if not hist.total:
+        return f"<p class='muted'>{title}: no values in this output.</p>"
+    data = base64.b64encode(hist.png()).decode()
+    about = "".join(f"<br>{html.escape(t)}" for t in (
+        hist.note, "thresholds: " + ", ".join(label for _, label in hist.marks) if hist.marks else "") if t)
+    return (f"<figure><img alt='{title}' src='data:image/png;base64,{data}'>"
+            f"<figcaption class='muted'>{title}: {hist.total:,} samples{about}</figcaption></figure>")
 
 
 def write_report(output_dir: str | Path | Directory, out_path: str | Path | None = None,

@@ -90,6 +90,14 @@ class ModelStage(Stage):
     def resources(self) -> Resources:
         return Resources(cpus=1, gpus=self.config.num_gpus if self.device == "cuda" else 0)
 
+    def driver_copy(self) -> "ModelStage":
+        """The copy keeps the workers' settings; on a driver without the GPU the workers have (a
+        CPU-only head of a GPU cluster) it runs on the CPU."""
+        twin = super().driver_copy()
+        if twin.device == "cuda" and not cuda_available():
+            twin._device = "cpu"
+        return twin
+
     def load_model(self) -> Any:
         raise NotImplementedError
 

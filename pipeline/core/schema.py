@@ -3,7 +3,8 @@ rules for setting a row's status. One place; everything imports it.
 
 A *batch* is a ``dict[str, list]`` of equal-length columns, one entry per input row of a shard.
 Every batch carries the status-table columns below plus ``files``: for each row a dict mapping a
-tar member extension (``"jpg"``, ``"clip.npy"``, ...) to its bytes. Stages add files and columns
+tar member extension (``"jpg"``, ``"clip.npy"``, ...) to its bytes. Columns in ``TRANSIENT_COLUMNS``
+(CLIP embeddings shared between filters) are never written. Stages add files and columns
 (each stage declares its columns and their Arrow types, see :class:`pipeline.core.stage.Stage`);
 the sink turns ``files`` into tar members and every other column into the status table.
 """
@@ -28,6 +29,12 @@ ORIGINAL_WIDTH = "original_width"
 ORIGINAL_HEIGHT = "original_height"
 SHA256 = "sha256"
 FILES = "files"  # per row: {extension: bytes}; never written to the status table
+# Per row the L2-normalised float32 CLIP image embedding (or None), put there by clip_score for the
+# filters after it (filters.clip_score.IMAGE_EMBEDDING).
+CLIP_IMAGE_EMBEDDING = "clip_image_embedding"
+# Columns that travel between stages (and between workers) but are never written: not to the
+# status table, KEY.json nor the tar.
+TRANSIENT_COLUMNS = frozenset({CLIP_IMAGE_EMBEDDING})
 # Optional input columns that readers normalise to (clip spans in seconds, interleaved documents).
 CLIP_START = "clip_start"
 CLIP_END = "clip_end"

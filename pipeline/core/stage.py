@@ -30,6 +30,7 @@ and declares:
 """
 from __future__ import annotations
 
+import copy
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Optional
@@ -83,6 +84,11 @@ class Stage:
 
     def setup(self) -> None:
         """Load models and open pools; called once per worker before the first batch."""
+
+    def driver_copy(self) -> "Stage":
+        """A copy for a sample pass in the driver (a later stage's ``prepare``): its worker state
+        and its running state (an ordered stage's memory) are its own, so the pass leaves no trace."""
+        return copy.deepcopy(self)  # __getstate__ leaves out what setup() made
 
     def process(self, batch: Batch) -> Batch:
         raise NotImplementedError

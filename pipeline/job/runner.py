@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
 from pipeline.core import schema
+from pipeline.core.model_stage import ModelStage, free_cuda_memory
 from pipeline.core.schema import Batch
 from pipeline.core.stage import JobContext, Stage
 from pipeline.executors.base import Executor, ShardOutcome
@@ -197,17 +198,26 @@ class Job:
     def _sample_batches(self, stages_before: list[Stage]):
         """Batches of the first input rows run through ``stages_before``, written nowhere."""
         def sample(n_rows: int) -> Iterator[Batch]:
-            for stage in stages_before:
-                stage.setup()
-            left = n_rows
-            for shard in input_shards(self.spec):
-                batch = {k: v[:left] for k, v in shard.fresh_batch().items()}
-                for stage in stages_before:
-                    batch = stage.process(batch)
-                yield batch
-                left -= len(batch[schema.KEY])
-                if left <= 0:
-                    break
+            # Copies: the pass's models and running state are its own, on this machine's device,
+            # and gone after it (the job's stages are set up where they run).
+            copies = [stage.driver_copy() for stage in stages_before]
+            try:
+                for stage in copies:
+                    stage.setup()
+                left = n_rows
+                for shard in input_shards(self.spec):
+                    batch = {k: v[:left] for k, v in shard.fresh_batch().items()}
+                    for stage in copies:
+                        batch = stage.process(batch)
+                    yield batch
+                    left -= len(batch[schema.KEY])
+                    if left <= 0:
+                        break
+            finally:
+                models = any(isinstance(stage, ModelStage) for stage in copies)
+                del copies
+                if models:
+                    free_cuda_memory()
         return sample
 
 

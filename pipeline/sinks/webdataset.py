@@ -48,7 +48,9 @@ def stats_name(shard_id: int) -> str:
 
 class WebDatasetSink(Sink):
     """``column_types`` gives the Arrow type of each status-table column (the schema's columns and
-    those the job's stages declare); a column it does not name gets the type Arrow infers."""
+    those the job's stages declare); a column it does not name gets the type Arrow infers. A
+    ``binary`` column is data for the job itself (what a resumed stage rebuilds its state from), kept
+    in the status table only: not in KEY.json, which is for trainers."""
 
     def __init__(self, directory: Directory, column_types: dict[str, str], name: str = "job") -> None:
         super().__init__(directory)
@@ -82,7 +84,7 @@ class WebDatasetSink(Sink):
                 and f"{m.group(1)}.tar" in names and f"{m.group(1)}.parquet" in names}
 
     def write(self, shard_id: int, batch: Batch, stats: dict[str, Any]) -> dict[str, Any]:
-        cols = scalar_columns(batch)
+        cols = [c for c in scalar_columns(batch) if self.column_types.get(c) != "binary"]
         members = [m for i, s in enumerate(batch[schema.STATUS]) if s == schema.SUCCESS
                    for m in sample_members(batch, i, cols)]
         name = shard_name(shard_id)
@@ -203,15 +205,17 @@ def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
 
 # -- the status table ----------------------------------------------------------------------------
 def scalar_columns(batch: Batch) -> list[str]:
-    """Columns that go to parquet and json: everything but files, status columns first."""
-    rest = [c for c in batch if c not in schema.STATUS_COLUMNS and c != schema.FILES]
+    """Columns that go to parquet and json: everything but files and the transient columns,
+    status columns first."""
+    rest = [c for c in batch if c not in schema.STATUS_COLUMNS and c != schema.FILES
+            and c not in schema.TRANSIENT_COLUMNS]
     return [c for c in schema.STATUS_COLUMNS if c in batch] + rest
 
 
 def status_table(batch: Batch, column_types: dict[str, str]) -> pa.Table:
     arrays = {}
     for c in scalar_columns(batch):
-        values = [_plain(v) for v in batch[c]]
+        values = batch[c] if column_types.get(c) == "binary" else [_plain(v) for v in batch[c]]
         try:
             arrays[c] = pa.array(values, type=column_types.get(c))
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
@@ -232,4 +236,35 @@ def read_status_tables(out_dir: Union[str, Directory], columns: Optional[list[st
             present = pq.read_schema(f).names
             f.seek(0)
             tables.append(pq.read_table(f, columns=[c for c in columns if c in present] if columns else None))
-    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+    if not tables:
+        return pa.table({})
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")  # int + double, null + anything
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.concat_tables(_as_text_where_types_differ(tables), promote_options="permissive")
+
+
+def _as_text_where_types_differ(tables: list[pa.Table]) -> list[pa.Table]:
+    """An extra column can hold a struct in one shard and text in another (it is the input's, not
+    ours): where shards disagree beyond promotion, the column is read as text in all of them."""
+    fields: dict[str, list[pa.Field]] = {}
+    for t in tables:
+        for field in t.schema:
+            fields.setdefault(field.name, []).append(field)
+    mixed = {name for name, found in fields.items() if not _promotable(found)}
+    out = []
+    for t in tables:
+        for name in mixed & set(t.column_names):
+            values = [None if v is None else v if isinstance(v, str) else json.dumps(v, default=str)
+                      for v in t.column(name).to_pylist()]
+            t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        out.append(t)
+    return out
+
+
+def _promotable(fields: list[pa.Field]) -> bool:
+    try:
+        pa.unify_schemas([pa.schema([f]) for f in fields], promote_options="permissive")
+        return True
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return False

@@ -64,7 +64,7 @@ def test_summary_counts_match_the_tables(tmp_path):
     assert summary.rows == len(statuses) == 120 and summary.shards == 3
     assert summary.statuses["success"] == statuses.count("success")
     assert summary.kinds["clip_score"] == sum(k == "clip_score" for t in tables for k in t["error_kind"])
-    clip = summary.histograms["clip"]
+    clip = summary.histograms["clip_score"]
     scored = [(s, st) for t in tables for s, st in zip(t["clip_score"], t["status"]) if s is not None]
     assert clip.total == len(scored) and clip.kept.sum() == sum(st == "success" for _, st in scored)
     assert clip.marks == [(0.28, "min 0.28")]
@@ -89,7 +89,7 @@ def test_report_html_has_totals_filters_and_embedded_histograms(tmp_path):
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
     assert len(images) == 4
     assert all(base64.b64decode(i).startswith(b"\x89PNG\r\n\x1a\n") for i in images)
-    for title in ("CLIP score", "Original size", "Aspect ratio", "Caption length"):
+    for title in ("clip_score", "Original size", "Aspect ratio", "Caption length"):
         assert f"alt='{title}'" in page
 
 
@@ -102,7 +102,7 @@ def test_report_cli_and_outputs_without_scores(tmp_path):
     target = tmp_path / "elsewhere.html"
     assert main(["report", str(out), "--out", str(target)]) == 0
     page = target.read_text()
-    assert "CLIP score: no values in this output." in page
+    assert "clip_score: no values in this output." in page
     assert len(re.findall(r"data:image/png;base64,", page)) == 3
     assert main(["report", str(tmp_path / "missing")]) == 2
     (tmp_path / "empty").mkdir()

@@ -103,3 +103,28 @@ def test_ray_on_a_two_node_cluster_writes_the_same_shards(tmp_path, server, refe
     result = run_job(load_job(path))
     assert result.ok and result.shards_written == 8
     assert tars(tmp_path / "onray") == tars(reference)
+
+
+def test_a_prepare_sample_pass_runs_copies_of_the_stages_before_it(tmp_path, server):
+    """A later filter's prepare() runs the stages before it over the first rows in the driver: on
+    copies, so an ordered stage's memory (dedup) and the job's own stages are untouched by it."""
+    from pipeline.core import schema
+    from pipeline.core.stage import Stage
+    from pipeline.job.runner import Job
+
+    class Remembers(Stage):
+        name = "remembers"
+        ordered = True
+
+        def __init__(self):
+            super().__init__()
+            self.seen: list[str] = []
+
+        def process(self, batch):
+            self.seen.extend(batch[schema.KEY])
+            return batch
+
+    stage = Remembers()
+    batches = list(Job(load_job(job_file(tmp_path, server, rows=12)))._sample_batches([stage])(10))
+    assert sum(len(b[schema.KEY]) for b in batches) == 10
+    assert stage.seen == []

@@ -128,3 +128,20 @@ def test_values_arrow_cannot_hold_are_kept_as_text():
     table = status_table({"key": ["a", "b", "c"], "big": [2**70, 1, None], "mixed": [1, "x", {"k": 1}]}, {})
     assert table.column("big").to_pylist() == [str(2**70), "1", None]
     assert table.column("mixed").to_pylist() == ["1", "x", '{"k": 1}']
+
+
+def test_shards_whose_extra_column_types_differ_still_read_as_one_table(tmp_path):
+    """A column kept from the input may be a struct in one shard and text in another: the output
+    must still read back whole (reports, inspect and retries read every status table)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.sinks.webdataset import read_status_tables
+
+    pq.write_table(pa.table({"key": ["0"], "meta": [{"a": 1}], "n": [1]}), tmp_path / "00000.parquet")
+    pq.write_table(pa.table({"key": ["1"], "meta": ["plain"], "n": [2.5]}), tmp_path / "00001.parquet")
+    pq.write_table(pa.table({"key": ["2"], "meta": pa.array([None], pa.null()), "n": [3]}), tmp_path / "00002.parquet")
+    table = read_status_tables(str(tmp_path))
+    assert table.column("key").to_pylist() == ["0", "1", "2"]
+    assert table.column("meta").to_pylist() == ['{"a": 1}', "plain", None]
+    assert table.column("n").to_pylist() == [1.0, 2.5, 3.0]
