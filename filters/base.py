@@ -16,7 +16,7 @@ makes one ``clip_score`` stage of that CLIP, before it, put them in the batch un
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, Callable, ClassVar, Literal, Optional
 
 from pipeline.core import schema
 from pipeline.core.config import ConfigError, from_dict, to_dict
@@ -64,6 +64,15 @@ class Filter(Stage):
 
     def reject(self, batch: Batch, i: int, message: str) -> None:
         schema.reject(batch, i, self.name, message)
+
+    def record_scores(self, batch: Batch, column: str, rows: list[int], scores: list[float],
+                      problem: Callable[[float], Optional[str]]) -> None:
+        """Put each scored row's score in ``column`` and reject those ``problem(score)`` refuses."""
+        schema.set_column(batch, column, rows, scores)
+        for i, score in zip(rows, scores):
+            why = problem(score)
+            if why:
+                self.reject(batch, i, why)
 
     def clip_embedding(self) -> Optional[tuple[str, Optional[str]]]:
         """The CLIP ``(model, pretrained)`` whose image embeddings this filter reads from the batch

@@ -206,11 +206,7 @@ class HeadFilter(Filter):
                                "restore() before any shard")
         self.setup()
         rows, scores = self._scored(batch)
-        schema.set_column(batch, self.column, rows, scores)
-        for i, score in zip(rows, scores):
-            why = self.problem_with(score)
-            if why:
-                self.reject(batch, i, why)
+        self.record_scores(batch, self.column, rows, scores, self.problem_with)
         return batch
 
     def problem_with(self, score: float) -> Optional[str]:

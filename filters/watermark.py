@@ -392,11 +392,7 @@ class WatermarkFilter(ModelStage, Filter):
             if poisons_device(e):  # every later batch of this worker would fail too: replace it
                 raise self.lost_device(e) from e
             raise
-        schema.set_column(batch, COLUMN, rows, scores)
-        for i, score in zip(rows, scores):
-            why = self.problem_with(score)
-            if why:
-                self.reject(batch, i, why)
+        self.record_scores(batch, COLUMN, rows, scores, self.problem_with)
         return batch
 
     def problem_with(self, score: float) -> Optional[str]:
