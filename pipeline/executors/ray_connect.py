@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Optional
 
 log = logging.getLogger("mmcurate")
+
+# Ray Client's proxy starts a server process per driver; that start fails now and then (its log
+# says only "SpecificServer startup failed", ray-project/ray#28091) and a new connection works.
+CLIENT_CONNECT_ATTEMPTS = 3
+CLIENT_RETRY_WAIT = 2.0  # seconds before the second attempt, doubled after
 
 # Ray announces on every new local cluster that it turned token authentication on (as it should).
 TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -59,7 +65,27 @@ def connect_ray(address: Optional[str]) -> None:
             raise RuntimeError(f"execution.address: {address!r} uses Ray Client, which needs "
                                "`pip install 'mmcurate[cluster]'` (ray[client])") from None
         kwargs = dict(log_to_driver=True)  # Ray Client takes no logging level
-    ray.init(address=address, **kwargs)
+        _connect_client(address, kwargs)
+    else:
+        ray.init(address=address, **kwargs)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     log.info("joined a Ray cluster of %d nodes (%s)", len(nodes),
              ", ".join(sorted({n["NodeManagerAddress"] for n in nodes})))
+
+
+def _connect_client(address: str, kwargs: dict[str, Any]) -> None:
+    """``ray.init`` through Ray Client, tried again when the proxy fails to start our server."""
+    import ray
+
+    wait = CLIENT_RETRY_WAIT
+    for attempt in range(1, CLIENT_CONNECT_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, **kwargs)
+            return
+        except ConnectionAbortedError as e:
+            if attempt == CLIENT_CONNECT_ATTEMPTS:
+                raise
+            log.warning("Ray Client at %s: %s; connecting again in %.0f s", address,
+                        " ".join(str(e).split())[-200:], wait)
+            time.sleep(wait)
+            wait *= 2

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from pipeline.executors.ray_connect import starts_local_ray
 
 
@@ -26,3 +28,37 @@ def test_a_local_run_is_on_loopback_with_token_auth_and_no_warning(tmp_path):
     assert out.stdout.split() == ["['127.0.0.1']", "2"]
     assert "Token authentication" not in out.stderr and "WARNING" not in out.stderr, out.stderr
     assert (tmp_path / ".ray" / "auth_token").exists()
+
+
+def test_a_ray_client_connection_the_proxy_aborts_is_made_again(monkeypatch, caplog):
+    """Ray Client's proxy now and then fails to start the server for a new driver
+    (ConnectionAbortedError); the driver connects again rather than failing the job. Another
+    error, or the last attempt's, reaches the caller."""
+    import ray
+
+    from pipeline.executors import ray_connect
+
+    calls = []
+
+    def init(address, **kwargs):
+        calls.append(address)
+        if len(calls) < 2:
+            raise ConnectionAbortedError("Initialization failure from server: Starting Ray client server failed")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "nodes", lambda: [])
+    monkeypatch.setattr(ray_connect, "CLIENT_RETRY_WAIT", 0.0)
+    ray_connect.connect_ray("ray://127.0.0.1:1")
+    assert calls == ["ray://127.0.0.1:1"] * 2
+    assert "connecting again" in caplog.text
+
+    def always(address, **kwargs):
+        calls.append(address)
+        raise ConnectionAbortedError("still failing")
+
+    calls.clear()
+    monkeypatch.setattr(ray, "init", always)
+    with pytest.raises(ConnectionAbortedError, match="still failing"):
+        ray_connect.connect_ray("ray://127.0.0.1:1")
+    assert len(calls) == ray_connect.CLIENT_CONNECT_ATTEMPTS
