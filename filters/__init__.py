@@ -12,9 +12,11 @@
       - semantic_dedup: {threshold: 0.95, n_clusters: 50}   # CLIP embeddings, across the job
       - watermark: {preset: laion, checkpoint: watermark_model_v1.pt, max: 0.5}
       - language: {languages: [en]}
+      - metadata: {column: clip_l14_similarity_score, top_fraction: 0.3}  # published columns, before download
 
 One module per filter; each is a :class:`filters.base.Filter` registered in ``FILTERS`` below. A
-sample it rejects gets status ``filtered`` with the filter's name as its error kind.
+sample it rejects gets status ``filtered`` with the filter's name as its error kind (``metadata``:
+``metadata:<column>``). ``metadata`` rules run before the download (``Filter.metadata_only``).
 
 Filters that read CLIP image embeddings (``Filter.clip_embedding()``: aesthetic, nsfw, ...) share
 one image pass per CLIP: the job's clip_score stage of that CLIP, which must come before them, or
@@ -36,11 +38,12 @@ from .dedup_near import NearDedupFilter
 from .dedup_semantic import SemanticDedupFilter
 from .image_size import ImageSizeFilter
 from .language import LanguageFilter
+from .metadata import MetadataFilter
 from .watermark import WatermarkFilter
 
 FILTERS: dict[str, type[Filter]] = {cls.name: cls for cls in (
     ImageSizeFilter, AspectRatioFilter, CaptionFilter, ExactDedupFilter, NearDedupFilter, ClipScoreFilter,
-    AestheticFilter, NsfwFilter, SemanticDedupFilter, WatermarkFilter, LanguageFilter)}
+    AestheticFilter, NsfwFilter, SemanticDedupFilter, WatermarkFilter, LanguageFilter, MetadataFilter)}
 
 
 def build_filters(entries: list[dict[str, Any]], check: bool = False) -> list[Filter]:

@@ -46,6 +46,14 @@ class Row:
 
 class Filter(Stage):
     Config: ClassVar[type]
+    # A rule on input columns only (published scores, sizes, language): it runs before the
+    # download, so the rows it drops are never fetched.
+    metadata_only: ClassVar[bool] = False
+
+    @property
+    def input_columns(self) -> tuple[str, ...]:
+        """Input columns this filter reads; the reader keeps them (as save_additional_columns)."""
+        return ()
 
     @classmethod
     def parse(cls, raw: Any, path: str) -> Any:

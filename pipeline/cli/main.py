@@ -17,13 +17,14 @@ EPILOG = """examples:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.job.runner import JobFailed, run_job
+    from pipeline.job.runner import JobFailed, check_start, run_job
     from pipeline.job.spec import load_job
     from pipeline.sinks.lock import OutputInUse
 
     spec = load_job(args.job, args.set)
     if args.dry_run:
         print(json.dumps(spec.to_dict(), indent=1))
+        check_start(spec, writable=True)  # after the spec: it shows what was checked
         return 0
     try:
         result = run_job(spec, progress=not args.no_progress, verify=args.verify)
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="path to the job spec (YAML)")
     run.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE",
                      help="override a spec value, e.g. --set download.image_size=512 (repeatable)")
-    run.add_argument("--dry-run", action="store_true", help="validate and print the spec as it would run")
+    run.add_argument("--dry-run", action="store_true", help="validate and print the spec as it would run, and check that the inputs and "
+                     "the catalog exist and the output is writable (nothing is written)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--verify", action="store_true",
                      help="read complete shards back and check their sha256 before skipping them "
@@ -97,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands (catalog, report, stream, ...).
-EXTENSIONS: list[str] = ["catalogs.cli", "pipeline.cli.report", "pipeline.cli.stream"]
+EXTENSIONS: list[str] = ["catalogs.cli", "pipeline.cli.report", "pipeline.cli.stream", "pipeline.cli.subset"]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

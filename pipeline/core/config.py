@@ -145,7 +145,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, yaml.safe_load(raw) if raw.strip() else ""
 
 
-def apply_override(data: dict, parts: list[str], value: Any) -> None:
+def apply_override(data: dict, parts: list[str], value: Any, root: Any = None) -> None:
+    """Set ``parts`` in ``data`` to ``value``; when the field of dataclass ``root`` at ``parts`` is a
+    list, a bare string is a list of that one string (``--set input.files=a.parquet``)."""
+    if isinstance(value, str) and typing.get_origin(_field_type(root, parts)) in (list, tuple):
+        value = [value]
     node = data
     for p in parts[:-1]:
         nxt = node.get(p)
@@ -155,3 +159,16 @@ def apply_override(data: dict, parts: list[str], value: Any) -> None:
             raise ConfigError(f"--set {'.'.join(parts)}: {p} is not a mapping")
         node = nxt
     node[parts[-1]] = value
+
+
+def _field_type(root: Any, parts: list[str]) -> Any:
+    """The type of the field that ``parts`` names in dataclass ``root`` (None if unknown)."""
+    tp = root
+    for p in parts:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(p)
+        if typing.get_origin(tp) in (Union, types.UnionType):  # Optional[X] -> X
+            options = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = options[0] if len(options) == 1 else None
+    return tp

@@ -32,9 +32,12 @@ FILES = "files"  # per row: {extension: bytes}; never written to the status tabl
 # Per row the L2-normalised float32 CLIP image embedding (or None), put there by clip_score for the
 # filters after it (filters.clip_score.IMAGE_EMBEDDING).
 CLIP_IMAGE_EMBEDDING = "clip_image_embedding"
+# Per row the member extensions read from input shards (``input.shards``): the sidecar layout
+# writes every member but these.
+INPUT_MEMBERS = "input_members"
 # Columns that travel between stages (and between workers) but are never written: not to the
 # status table, KEY.json nor the tar.
-TRANSIENT_COLUMNS = frozenset({CLIP_IMAGE_EMBEDDING})
+TRANSIENT_COLUMNS = frozenset({CLIP_IMAGE_EMBEDDING, INPUT_MEMBERS})
 # Optional input columns that readers normalise to (clip spans in seconds, interleaved documents).
 CLIP_START = "clip_start"
 CLIP_END = "clip_end"
@@ -117,6 +120,8 @@ class ErrorKind(str, enum.Enum):
     TOO_LARGE = "too_large", FAILED_TO_DOWNLOAD, "the body is larger than the byte cap"
     TRUNCATED = "truncated", FAILED_TO_DOWNLOAD, "the body ended before Content-Length bytes arrived"
     NOT_MEDIA = "not_media", FAILED_TO_DOWNLOAD, "the bytes are not an image or video (e.g. an HTML page)"
+    HASH_MISMATCH = ("hash_mismatch", FAILED_TO_DOWNLOAD,
+                     "the downloaded bytes do not have the hash the input's hash column gives")
     BAD_ENCODING = ("bad_encoding", FAILED_TO_DOWNLOAD,
                     "the body starts like its Content-Encoding (gzip, deflate) but does not decode")
     YTDLP_ERROR = ("ytdlp_error", FAILED_TO_DOWNLOAD,

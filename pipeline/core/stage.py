@@ -47,9 +47,12 @@ class Resources:
 @dataclass(frozen=True)
 class JobContext:
     """What ``Stage.prepare`` may use: ``sample_batches(n_rows)`` yields batches of the first
-    ``n_rows`` input rows run through the stages *before* this one, without writing anything."""
+    ``n_rows`` input rows run through the stages *before* this one, without writing anything;
+    ``input_columns(names)`` yields chunks (``{name: values}``) of those input columns over the
+    whole input, read alone (an exact percentile over a published score)."""
 
     sample_batches: Callable[[int], Iterator[Batch]]
+    input_columns: Optional[Callable[[list[str]], Iterator[dict[str, list]]]] = None
 
 
 class Stage:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import dataclass
+from typing import Optional
 
 from pipeline.core import schema
 from pipeline.core.schema import Batch
@@ -18,6 +19,11 @@ class ImageDownloadConfig:
     fetch: FetchConfig
     resize: ResizeConfig
     cpus: int = 1  # threads decoding and resizing
+    # img2dataset's verify_hash: the hash ("sha256" | "md5") of the bytes as fetched (before resize)
+    # must equal, case-insensitively, the row's value in column ``hash_col``; a mismatch is
+    # hash_mismatch. A row without a value there is fetched without the check.
+    verify_hash: Optional[str] = None
+    hash_col: Optional[str] = None
 
 
 class ImageDownloadStage(ThreadPoolStage):
@@ -48,6 +54,10 @@ class ImageDownloadStage(ThreadPoolStage):
                         if not got.ok:
                             schema.mark(batch, i, got.error_kind, got.error_message or "")
                             return
+                        problem = self._hash_problem(batch, i, got.body)
+                        if problem:
+                            schema.mark(batch, i, schema.ErrorKind.HASH_MISMATCH, problem)
+                            return
                         digest, out = await loop.run_in_executor(self._pool, _hash_and_resize, got.body,
                                                                  self.config.resize)
                     finally:
@@ -55,6 +65,17 @@ class ImageDownloadStage(ThreadPoolStage):
                     self._record(batch, i, digest, out)
 
             await asyncio.gather(*(one(i) for i in rows))
+
+    def _hash_problem(self, batch: Batch, i: int, body: bytes) -> Optional[str]:
+        """Why the fetched bytes fail verify_hash, or None (no check asked, or no hash given)."""
+        algo, col = self.config.verify_hash, self.config.hash_col
+        expected = batch.get(col, [None] * schema.batch_len(batch))[i] if algo and col else None
+        if not expected:
+            return None
+        got = hashlib.new(algo, body).hexdigest()
+        if got == str(expected).strip().lower():
+            return None
+        return f"{algo} of the bytes is {got}, {col} says {expected}"
 
     def _record(self, batch: Batch, i: int, digest: str, out) -> None:
         batch[schema.SHA256][i] = digest

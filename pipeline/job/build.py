@@ -6,9 +6,11 @@ error here, never a silent fall-back to a default somewhere else).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator, Optional
 
 from pipeline.core import schema
+from pipeline.core.config import ConfigError
 from pipeline.core.stage import Stage
 from pipeline.download.image import ImageDownloadConfig, ImageDownloadStage
 from pipeline.download.video import VideoDownloadConfig, VideoDownloadStage
@@ -28,8 +30,13 @@ DEFAULT_NUM_FRAMES = 8  # frames sampled per clip when neither num_frames nor fr
 
 # -- input ---------------------------------------------------------------------------------------
 def input_files(spec: JobSpec) -> list[str]:
-    """The files (or, for a catalog, the entries) that the job reads, in order."""
+    """The files (or, for a catalog, the entries; for ``input.shards``, the tars) that the job
+    reads, in order."""
     options = spec.input.storage_options
+    if spec.input.shards:
+        from pipeline.sources.shard_input import expand_shards
+
+        return expand_shards(spec.input.shards, options)
     if not spec.input.catalog:
         return expand_files(spec.input.files, options)
     # Globs and URL folders are expanded here; local folders and hf:// entries are the card's to
@@ -38,24 +45,115 @@ def input_files(spec: JobSpec) -> list[str]:
             for f in ([e] if e.startswith("hf://") else expand_files([e], options, folders="://" in e))]
 
 
+def reader_input(spec: JobSpec):
+    """The input section as the readers see it: the extra columns the job keeps are the spec's
+    ``save_additional_columns`` plus those its stages read (the hash column, metadata filters')."""
+    from filters import build_filters
+
+    wanted = list(spec.input.save_additional_columns)
+    if spec.input.hash_col:
+        wanted.append(spec.input.hash_col)
+    for f in build_filters(spec.filters):
+        wanted.extend(f.input_columns)
+    return dataclasses.replace(spec.input, save_additional_columns=list(dict.fromkeys(wanted)))
+
+
 def input_chunks(spec: JobSpec) -> Iterator[dict[str, list]]:
     """Column chunks with normalised names (url, caption, spans, extra columns), before validation:
-    through the catalog card's reader, or straight from plain URL files."""
+    through the catalog card's reader, or straight from plain URL files (input shards: one chunk
+    of each tar's columns, no media)."""
+    if spec.input.shards:
+        return _shard_columns(spec)
     if not spec.input.catalog:
-        return table_chunks(input_files(spec), spec.input)
+        return table_chunks(input_files(spec), reader_input(spec))
     from catalogs import load_card
     from catalogs.readers import read_rows
 
-    return read_rows(load_card(spec.input.catalog), input_files(spec), spec.input)
+    return read_rows(load_card(spec.input.catalog), input_files(spec), reader_input(spec))
+
+
+def input_columns(spec: JobSpec, names: list[str]) -> Iterator[dict[str, list]]:
+    """Chunks of only the input columns ``names`` over the whole input (the first ``input.limit``
+    rows), e.g. for an exact percentile of a published score. Plain URL files are read for those
+    columns alone, and a file without one is a ConfigError naming it; other inputs go through
+    their reader."""
+    limit, seen = spec.input.limit, 0
+    if spec.input.catalog or spec.input.shards:
+        chunks = ({n: c[n] for n in names if n in c} for c in input_chunks(spec))
+    else:
+        chunks = _plain_columns(spec, names)
+    for chunk in chunks:
+        n = len(next(iter(chunk.values()), []))
+        if limit is not None:
+            n = min(n, limit - seen)
+        yield {k: v[:n] for k, v in chunk.items()}
+        seen += n
+        if limit is not None and seen >= limit:
+            return
+
+
+def _plain_columns(spec: JobSpec, names: list[str]) -> Iterator[dict[str, list]]:
+    from pipeline.sources.formats import iter_records
+
+    inp = spec.input
+    for path in input_files(spec):
+        first = True
+        for chunk in iter_records(path, inp.format, columns=names, storage_options=inp.storage_options):
+            if first:
+                _has_columns(path, chunk, names)
+                first = False
+            rows = len(next(iter(chunk.values()), []))
+            yield {n: chunk.get(n, [None] * rows) for n in names}
+
+
+def check_input_columns(spec: JobSpec) -> None:
+    """Every plain input file has the columns the metadata filters read (its first row is read:
+    a parquet footer, a header line), so a wrong column fails before the job writes anything."""
+    from filters import build_filters
+    from pipeline.sources.formats import iter_records
+
+    names = list(dict.fromkeys(c for f in build_filters(spec.filters) if f.metadata_only for c in f.input_columns))
+    if not names or spec.input.catalog or spec.input.shards:
+        return
+    for path in input_files(spec):
+        for chunk in iter_records(path, spec.input.format, columns=names, batch_rows=1,
+                                  storage_options=spec.input.storage_options):
+            _has_columns(path, chunk, names)
+            break
+
+
+def _has_columns(path: str, chunk: dict[str, list], names: list[str]) -> None:
+    from pipeline.sources.formats import INVALID
+
+    missing = [n for n in names if n not in chunk]
+    if missing and set(chunk) != {INVALID}:  # a row that did not parse says nothing of the columns
+        raise ConfigError(f"input.files: {path} has no column {', '.join(map(repr, missing))} that a "
+                          f"metadata filter reads (columns: {', '.join(c for c in chunk if c != INVALID)})")
+
+
+def _shard_columns(spec: JobSpec) -> Iterator[dict[str, list]]:
+    from pipeline.sources.shard_input import tar_rows
+
+    for tar in input_files(spec):
+        rows = [{k: v for k, v in r.items() if k not in (schema.FILES, schema.INPUT_MEMBERS)}
+                for r in tar_rows(tar, spec.input.storage_options)]
+        names = list(dict.fromkeys(k for r in rows for k in r))
+        if rows:
+            yield {n: [r.get(n) for r in rows] for n in names}
 
 
 def input_shards(spec: JobSpec) -> Iterator[InputShard]:
+    if spec.input.shards:
+        from pipeline.sources.shard_input import plan_shard_input
+
+        return plan_shard_input(input_files(spec), spec.output.samples_per_shard, spec.output.layout,
+                                spec.input.limit, spec.input.storage_options)
     return plan_shards(input_chunks(spec), spec.output.samples_per_shard, spec.input.limit)
 
 
 def input_rows(spec: JobSpec) -> Optional[int]:
     """Input rows, when cheap to know (parquet footers, no catalog reshaping); else None."""
-    if spec.input.catalog:
+    if spec.input.catalog or spec.input.shards:
         return None
     options = spec.input.storage_options
     total = count_rows(expand_files(spec.input.files, options), spec.input.format, options)
@@ -108,21 +206,30 @@ def download_stage(spec: JobSpec) -> Stage:
         return VideoDownloadStage(VideoDownloadConfig(
             fetch=fetch_config(spec.download, "video", spec.video.concurrency), cut=cut_config(spec),
             tmp_dir=spec.video.tmp_dir, ytdlp=ytdlp_options(spec), cpus=cpus))
-    return ImageDownloadStage(ImageDownloadConfig(fetch=fetch_config(spec.download),
-                                                  resize=resize_config(spec.download), cpus=cpus))
+    return ImageDownloadStage(image_download_config(spec.download, spec.input.hash_col, cpus))
+
+
+def image_download_config(download: DownloadSpec, hash_col: Optional[str] = None, cpus: int = 1) -> ImageDownloadConfig:
+    return ImageDownloadConfig(fetch=fetch_config(download), resize=resize_config(download), cpus=cpus,
+                               verify_hash=download.verify_hash, hash_col=hash_col)
 
 
 # -- the job's parts -----------------------------------------------------------------------------
 def build_stages(spec: JobSpec, check: bool = True) -> list[Stage]:
-    """download (image or video) -> filters -> tokenizers, as the spec declares them. With
-    ``check`` every stage checks, here in the driver, that what it needs exists."""
+    """metadata filters -> download (image or video; none for ``input.shards``) -> the other
+    filters -> tokenizers, each group in the spec's order. With ``check`` every stage checks, here
+    in the driver, that what it needs exists."""
     from filters import build_filters
     from pipeline.tokenize import build_tokenizers
 
-    download = download_stage(spec)
-    if check:
-        download.check()
-    return [download, *build_filters(spec.filters, check), *build_tokenizers(spec.tokenize, check)]
+    filters = build_filters(spec.filters, check)
+    early = [f for f in filters if f.metadata_only]  # the rows they drop are never fetched
+    media: list[Stage] = []
+    if not spec.input.shards:
+        media = [download_stage(spec)]
+        if check:
+            media[0].check()
+    return [*early, *media, *(f for f in filters if not f.metadata_only), *build_tokenizers(spec.tokenize, check)]
 
 
 def column_types(stages: list[Stage]) -> dict[str, str]:
@@ -134,7 +241,33 @@ def column_types(stages: list[Stage]) -> dict[str, str]:
 
 
 def build_sink(spec: JobSpec, stages: list[Stage]) -> WebDatasetSink:
-    return WebDatasetSink(Directory(spec.output.dir, spec.output.storage_options), column_types(stages), spec.name)
+    """The full layout's sink, or (``output.layout: sidecar``) the sidecar sink aligned with the
+    input shards: shard id -> base tar, as the shard reader numbers them."""
+    directory = Directory(spec.output.dir, spec.output.storage_options)
+    if spec.output.layout != "sidecar":
+        types = column_types(stages)
+        if spec.input.shards:  # a reshard keeps where each sample came from
+            from pipeline.sources.shard_input import LINEAGE_TYPES
+
+            types.update(LINEAGE_TYPES)
+        return WebDatasetSink(directory, types, spec.name)
+    from pipeline.sinks.sidecar import SidecarSink
+    from pipeline.sources.shard_input import expand_shards, shard_number
+
+    base_shards: dict[int, str] = {}
+    for position, tar in enumerate(expand_shards(spec.input.shards, spec.input.storage_options)):
+        shard_id = shard_number(tar, position)
+        if shard_id in base_shards:
+            raise ConfigError(f"input.shards: {base_shards[shard_id]} and {tar} are both shard {shard_id:05d}; "
+                              "a sidecar needs one tar per shard id")
+        base_shards[shard_id] = tar
+    folders = sorted({tar.rsplit("/", 1)[0] for tar in base_shards.values()})
+    if directory.url in folders:
+        raise ConfigError(f"output.dir: {spec.output.dir!r} holds the input shards; a sidecar goes in a directory "
+                          "of its own (it would overwrite them)")
+    return SidecarSink(directory, column_types(stages), spec.name, base=", ".join(folders), base_shards=base_shards,
+                       stage_columns=[c for stage in stages for c in stage.columns],
+                       base_options=spec.input.storage_options)
 
 
 def build_executor(spec: JobSpec) -> Executor:

@@ -11,18 +11,22 @@ recording it in the manifest (``status: failed``), so a rerun resumes once the c
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
 from pipeline.core import schema
+from pipeline.core.config import ConfigError
+from pipeline.core.location import local_path
 from pipeline.core.model_stage import ModelStage, free_cuda_memory
 from pipeline.core.schema import Batch
 from pipeline.core.stage import JobContext, Stage
 from pipeline.executors.base import Executor, ShardOutcome
 from pipeline.job import manifest as manifests
-from pipeline.job.build import build_executor, build_sink, build_stages, input_files, input_rows, input_shards
+from pipeline.job.build import (build_executor, build_sink, build_stages, check_input_columns, input_columns,
+                                input_files, input_rows, input_shards)
 from pipeline.job.progress import Progress
 from pipeline.job.spec import JobSpec
 from pipeline.sinks import WebDatasetSink
@@ -35,6 +39,7 @@ log = logging.getLogger("mmcurate")
 # What stops a job rather than one sample: a bad input file (the readers raise ValueError, a cut
 # gzip EOFError), storage (OSError: a full disk, a lost mount). One line, and the job resumable.
 STOPPING_ERRORS = (OSError, ValueError, EOFError)
+BUCKET_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}  # URLs whose first part is a bucket
 
 
 class JobFailed(Exception):
@@ -75,6 +80,7 @@ class Job:
             gpus = executor.gpus()  # on Ray: joins the cluster, whose GPUs decide devices set to auto
             for stage in stages:
                 stage.place(gpus)
+        check_start(self.spec)  # before anything is written: a corrected rerun finds nothing in its way
         sink = build_sink(self.spec, stages)
         sink.directory.create()
         with hold(sink.directory):  # before open(): it sweeps temporaries, which are the holder's
@@ -188,7 +194,8 @@ class Job:
         state = manifest.setdefault("stage_state", {})
         for i, (key, stage) in enumerate(zip(manifests.stage_keys(stages), stages)):
             if key not in state:
-                got = stage.prepare(JobContext(self._sample_batches(stages[:i])))
+                got = stage.prepare(JobContext(self._sample_batches(stages[:i]),
+                                               lambda names: input_columns(self.spec, names)))
                 if got is None:
                     continue
                 state[key] = got
@@ -219,6 +226,66 @@ class Job:
                 if models:
                     free_cuda_memory()
         return sample
+
+
+# -- what a run needs before it writes anything ------------------------------------------------------
+def check_start(spec: JobSpec, writable: bool = False) -> None:
+    """Raise ConfigError (naming the key) when the catalog is unknown, a local input file is
+    missing, a metadata filter's column is not in the input, or ``output.dir`` cannot be a
+    directory; with ``writable`` (``--dry-run``) also when it cannot be written (a probe file in
+    it, else the nearest existing parent must be writable; a URL's bucket must exist)."""
+    if spec.input.catalog:
+        from catalogs import CatalogError, load_card
+
+        try:
+            load_card(spec.input.catalog)
+        except CatalogError as e:
+            raise ConfigError(f"input.catalog: {e}") from None
+    for name in input_files(spec):
+        path = local_path(name)
+        if path is not None and not os.path.exists(path):
+            raise ConfigError(f"input.files: {name} does not exist")
+    check_input_columns(spec)
+    out = spec.output.dir
+    path = local_path(out)
+    if path is None:
+        if writable:
+            _check_bucket(out, spec.output.storage_options)
+        return
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        what = "is a file" if parent == path else f"is under {parent}, which is a file"
+        raise ConfigError(f"output.dir: {out} {what}, not a directory")
+    if not writable:
+        return
+    if parent == path:
+        probe = os.path.join(path, f".mmcurate-probe-{os.getpid()}")
+        try:
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            raise ConfigError(f"output.dir: {out} is not writable ({e.strerror})") from None
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output.dir: {out} cannot be created: {parent} is not writable")
+
+
+def _check_bucket(url: str, storage_options: dict[str, Any]) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options))
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & BUCKET_STORES:
+        return
+    bucket = path.strip("/").split("/", 1)[0]
+    try:
+        found = fs.exists(bucket)
+    except Exception as e:  # credentials, network: say which, do not guess
+        raise ConfigError(f"output.dir: cannot reach {url}: {type(e).__name__}: {e}") from None
+    if not found:
+        raise ConfigError(f"output.dir: {url}: the bucket {bucket!r} does not exist")
 
 
 def run_job(spec: JobSpec, progress: Optional[bool] = None, verify: bool = False) -> JobResult:

@@ -31,6 +31,10 @@ Engine = Literal[tuple(EXECUTORS)]
 class InputSpec:
     files: list[str] = field(default_factory=list)  # local paths, globs or fsspec URLs
     catalog: Optional[str] = None                    # a card name: its reader and column map apply
+    # existing WebDataset shards instead of URL files: folders, URLs, brace patterns (ours,
+    # img2dataset's, any webdataset); no download, media are decoded from the tars
+    shards: list[str] = field(default_factory=list)
+    hash_col: Optional[str] = None                   # the column with each file's published hash (verify_hash)
     format: Optional[Literal["parquet", "csv", "tsv", "jsonl", "txt"]] = None  # default: from the suffix
     url_col: str = "url"
     caption_col: Optional[str] = "caption"
@@ -39,8 +43,10 @@ class InputSpec:
     storage_options: dict[str, Any] = field(default_factory=dict)  # for fsspec URLs (endpoint, key, ...)
 
     def validate(self) -> None:
-        if not self.files:
-            raise ConfigError("files: at least one input file is required")
+        if self.shards and (self.files or self.catalog):
+            raise ConfigError("shards: reads existing shards; set it instead of files and catalog, not with them")
+        if not self.files and not self.shards:
+            raise ConfigError("files: at least one input file is required (or shards: existing shards)")
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"limit: must be >= 0, got {self.limit}")
 
@@ -83,6 +89,7 @@ class DownloadSpec:
     respect_optouts: bool = True       # X-Robots-Tag noai / noimageai / noindex / noimageindex
     allow_private_addresses: bool = False
     allowed_networks: list[str] = field(default_factory=list)  # CIDRs let through anyway (e.g. an internal mirror)
+    verify_hash: Optional[Literal["sha256", "md5"]] = None  # check the bytes against input.hash_col
 
     def validate(self) -> None:
         for name in ("image_size", "concurrency", "per_host_limit", "max_pixels", "max_bytes"):
@@ -152,6 +159,7 @@ class VideoSpec:
 @dataclass
 class OutputSpec:
     dir: str = "out/job"               # a local path (a shared mount on a cluster) or an fsspec URL
+    layout: Literal["full", "sidecar"] = "full"  # sidecar: only the new fields, aligned with input.shards
     samples_per_shard: int = 10_000
     storage_options: dict[str, Any] = field(default_factory=dict)  # for fsspec URLs (endpoint, key, ...)
 
@@ -187,6 +195,11 @@ class JobSpec:
     execution: ExecutionSpec = field(default_factory=ExecutionSpec)
 
     def validate(self) -> None:
+        if self.output.layout == "sidecar" and not self.input.shards:
+            raise ConfigError("output.layout: 'sidecar' writes fields aligned with existing shards; it needs input.shards")
+        if self.download.verify_hash and not self.input.hash_col:
+            raise ConfigError(f"download.verify_hash: {self.download.verify_hash!r} needs input.hash_col, "
+                              "the column holding each file's hash")
         if self.output.dir.startswith("memory://") and self.execution.engine != "local":
             raise ConfigError(f"output.dir: {self.output.dir!r} lives in one process's memory, which "
                               f"{self.execution.engine!r} workers do not share; use execution.engine: local")
@@ -208,7 +221,7 @@ def load_job(path: str | Path | None = None, overrides: list[str] = (), data: di
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     data = dict(data)
     for text in overrides:
-        apply_override(data, *parse_override(text))
+        apply_override(data, *parse_override(text), JobSpec)
     spec = from_dict(JobSpec, data)
     _validate_stages(spec)
     return spec

@@ -33,10 +33,14 @@ a shard outside the source's directory raises :class:`BadIndexError` when the da
 (its remaining draws are skipped and counted); a member that does not decode (an image off the
 format whitelist or over ``max_pixels``, a bad ``.npy``) skips its sample. See ``index.py``,
 ``tar.py`` and ``decode.py`` for each rule.
+
+A base read with sidecars (``ShardDataset(base, sidecars=[...])``, see ``sidecar.py``) is zipped by
+key: a shard counts the samples every sidecar kept, so all of the above holds for it as well.
 """
 from pipeline.loader.dataset import Loader, ShardDataset, ShardError, SkippedDataWarning
 from pipeline.loader.decode import collate
 from pipeline.loader.index import BadIndexError, Shard, Source, open_source, read_index
+from pipeline.loader.sidecar import SidecarMismatchError, with_sidecars
 
 __all__ = ["ShardDataset", "Loader", "Shard", "Source", "ShardError", "SkippedDataWarning", "BadIndexError",
-           "read_index", "open_source", "collate"]
+           "SidecarMismatchError", "read_index", "open_source", "with_sidecars", "collate"]

@@ -2,6 +2,7 @@
 shuffling and resume state) and :class:`Loader`, the torch DataLoader that keeps that state."""
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from itertools import chain
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.loader.decode import ImageOptions, _decode_column, _decode_value, collate
 from pipeline.loader.index import Shard, Source, _open, open_source
 from pipeline.loader.plan import Plan, Segment, epoch_draws, mix_order, rank_draws, worker_ranges
+from pipeline.loader.sidecar import SidecarMismatchError, with_sidecars, zipped_samples
 from pipeline.loader.tar import READ_BLOCK, SCAN_BLOCK, TarFormatError, _samples, _TarReader
 from pipeline.media.geometry import MAX_PIXELS
 
@@ -89,6 +91,11 @@ class ShardDataset(IterableDataset):
     * ``allow_outside_root``: read shards that ``index.json`` places outside the source's directory
       (``..``, absolute paths, symlinks out, other URLs); by default such an index is refused with
       :class:`~pipeline.loader.index.BadIndexError`, as is one with malformed or impossible counts.
+    * ``sidecars``: directories written with ``output.layout: sidecar`` over the one base directory
+      ``sources``, zipped with it by key (``pipeline.loader.sidecar``): a sample is kept when every
+      sidecar has it as a success, and its members are the base's plus the sidecars'. A sidecar that
+      does not match its base raises :class:`~pipeline.loader.sidecar.SidecarMismatchError`. To mix
+      such a base with other sources, pass ``with_sidecars(base, [...])`` as one of them.
 
     Every sample carries ``__key__``, ``__url__``, ``__worker__`` and ``__step__``. Resume state is
     kept when the dataset is iterated in this process or through :class:`Loader`; with a plain
@@ -102,12 +109,18 @@ class ShardDataset(IterableDataset):
                  image_dtype: str = "uint8", image_size: Optional[int] = None, resize_mode: str = "center_crop",
                  decoders: Optional[Mapping[str, Callable[[bytes], Any]]] = None, strict: bool = False,
                  storage_options: Optional[dict] = None, max_pixels: int = MAX_PIXELS,
-                 allow_outside_root: bool = False):
+                 allow_outside_root: bool = False, sidecars: Sequence[Union[str, os.PathLike]] = ()):
         if batch_size is not None and batch_size <= 0:
             raise ValueError("batch_size must be > 0")
         if shuffle_buffer <= 0:
             raise ValueError("shuffle_buffer must be > 0")
         roots, weights = self._split_sources(sources)
+        if sidecars:
+            if len(roots) != 1 or weights is not None or isinstance(roots[0], Source):
+                raise ValueError("sidecars: zip with one base directory; to mix it with other sources, pass "
+                                 "pipeline.loader.with_sidecars(base, sidecars) as one of them")
+            roots = [with_sidecars(os.fspath(roots[0]), [os.fspath(s) for s in sidecars], storage_options,
+                                   allow_outside_root)]
         self.image = ImageOptions(image_dtype, image_size, resize_mode, max_pixels)  # checked before any I/O
         self.sources = [open_source(r, storage_options, allow_outside_root) for r in roots]
         self.weights = weights
@@ -299,10 +312,8 @@ class ShardDataset(IterableDataset):
         done, wanted = 0, seg.stop - seg.start
         last = seg.stop == shard.nsamples  # read on past the count: a tar holding more is reported
         try:
-            fast = _small_samples(shard)
-            with _open(shard.url, self.storage_options) as f:
-                reader = _TarReader(f, SCAN_BLOCK if fast else READ_BLOCK)
-                for key, files in _samples(reader, seg.start, None if last else seg.stop, self.want, fast):
+            with contextlib.closing(self._shard_samples(shard, seg.start, None if last else seg.stop)) as samples:
+                for key, files in samples:
                     if done == wanted:
                         self._problem(f"shard {shard.url}: has more samples than index.json says "
                                       f"({shard.nsamples}); the rest are not read")
@@ -311,11 +322,22 @@ class ShardDataset(IterableDataset):
                     yield self._check_fields(key, shard.url, files)
             if done < wanted:
                 raise TarFormatError(f"has fewer samples than index.json says ({shard.nsamples})")
+        except SidecarMismatchError:
+            raise  # the wrong data, not damaged data: never skipped
         except (OSError, TarFormatError, ValueError) as e:
             skipped = f"skipping samples {seg.start + done}..{seg.stop - 1}" if done < wanted else \
                 "after the samples index.json counts"
             self._problem(f"shard {shard.url}: {type(e).__name__}: {e}; {skipped}", e)
             yield from (None for _ in range(wanted - done))
+
+    def _shard_samples(self, shard: Shard, start: int, stop: Optional[int]) -> Iterator[tuple[str, dict]]:
+        """``(key, files)`` of the shard's samples ``start:stop`` (a zipped shard's: the kept ones)."""
+        fast = _small_samples(shard)
+        if shard.zipped is not None:
+            yield from zipped_samples(shard, start, stop, self.want, self.storage_options, fast)
+            return
+        with _open(shard.url, self.storage_options) as f:
+            yield from _samples(_TarReader(f, SCAN_BLOCK if fast else READ_BLOCK), start, stop, self.want, fast)
 
     def _check_fields(self, key: str, url: str, files: dict) -> Optional[tuple]:
         if self.want is not None and len(files) != self._nfields:

@@ -41,6 +41,7 @@ class Shard:
     url: str                       # absolute path or fsspec URL
     nsamples: int
     filesize: Optional[int] = None  # the file's real size when it was found at open, else the index's
+    zipped: Optional[Any] = None   # a base shard read with sidecars: its pipeline.loader.sidecar.Zip
 
 
 @dataclass(frozen=True)

@@ -84,13 +84,10 @@ class WebDatasetSink(Sink):
                 and f"{m.group(1)}.tar" in names and f"{m.group(1)}.parquet" in names}
 
     def write(self, shard_id: int, batch: Batch, stats: dict[str, Any]) -> dict[str, Any]:
-        cols = [c for c in scalar_columns(batch) if self.column_types.get(c) != "binary"]
-        members = [m for i, s in enumerate(batch[schema.STATUS]) if s == schema.SUCCESS
-                   for m in sample_members(batch, i, cols)]
         name = shard_name(shard_id)
         buf = io.BytesIO()
-        pq.write_table(status_table(batch, self.column_types), buf)
-        files = {f"{name}.tar": tar_bytes(members), f"{name}.parquet": buf.getvalue()}
+        pq.write_table(self.table(batch), buf)
+        files = {f"{name}.tar": tar_bytes(self.members(batch)), f"{name}.parquet": buf.getvalue()}
         for file, data in files.items():
             self.directory.write(file, data)
         stats = {**stats, "tar_bytes": len(files[f"{name}.tar"]),
@@ -98,6 +95,16 @@ class WebDatasetSink(Sink):
                            for file, data in files.items()}}
         self.directory.write(stats_name(shard_id), json.dumps(stats, indent=1).encode())
         return stats
+
+    def members(self, batch: Batch) -> list[tuple[str, bytes]]:
+        """The tar's members: each success's files, KEY.txt and KEY.json."""
+        cols = [c for c in scalar_columns(batch) if self.column_types.get(c) != "binary"]
+        return [m for i, s in enumerate(batch[schema.STATUS]) if s == schema.SUCCESS
+                for m in sample_members(batch, i, cols)]
+
+    def table(self, batch: Batch) -> pa.Table:
+        """The status table: one row per input row."""
+        return status_table(batch, self.column_types)
 
     def verified_stats(self, shard_id: int, checksums: bool = False, status: bool = False) -> dict[str, Any]:
         """See the module docstring; ``status`` also reads the status table's footer (its row count)."""
@@ -148,14 +155,20 @@ class WebDatasetSink(Sink):
 
     def finish(self) -> dict[str, Any]:
         """Write ``index.json``: the complete shards in shard order, with their sample counts."""
-        shardlist = []
-        for shard_id in sorted(self.complete_shards()):
-            tar = f"{shard_name(shard_id)}.tar"
-            stats = self.read_stats(shard_id)
-            shardlist.append({"url": tar, "nsamples": stats["successes"], "filesize": self.directory.size(tar)})
-        index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": self.name, "shardlist": shardlist}
+        shardlist = [self.index_entry(shard_id) for shard_id in sorted(self.complete_shards())]
+        index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": self.name, **self.index_fields(),
+                 "shardlist": shardlist}
         self.directory.write(INDEX, json.dumps(index, indent=1).encode())
         return index
+
+    def index_entry(self, shard_id: int) -> dict[str, Any]:
+        """A complete shard's entry in ``index.json``."""
+        tar = f"{shard_name(shard_id)}.tar"
+        return {"url": tar, "nsamples": self.read_stats(shard_id)["successes"], "filesize": self.directory.size(tar)}
+
+    def index_fields(self) -> dict[str, Any]:
+        """What ``index.json`` says besides its name and shards (a layout's own fields)."""
+        return {}
 
 
 # -- the tar -------------------------------------------------------------------------------------

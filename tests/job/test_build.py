@@ -42,7 +42,9 @@ def changed(spec_cls):
 def test_every_download_option_reaches_the_fetch_or_resize_config():
     spec = changed(DownloadSpec)
     fetch, resize = build.fetch_config(spec), build.resize_config(spec)
-    parts = {**{f.name: getattr(fetch, f.name) for f in dataclasses.fields(fetch)},
+    image = build.image_download_config(spec, hash_col="sha256")
+    parts = {**{f.name: getattr(image, f.name) for f in dataclasses.fields(image)},
+             **{f.name: getattr(fetch, f.name) for f in dataclasses.fields(fetch)},
              **{f.name: getattr(resize, f.name) for f in dataclasses.fields(resize)}}
     for f in dataclasses.fields(DownloadSpec):
         if f.name in NOT_COPIED:
