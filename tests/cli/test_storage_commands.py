@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import random
 import re
+import tarfile
 import uuid
 
 import fsspec
@@ -139,3 +140,28 @@ def test_a_job_reads_and_writes_s3_like_the_local_disk(tmp_path, server, s3, cap
     assert same_summary(summarize(s3.url("out/job")), summarize(tmp_path / "out"))
     assert main(["stream", s3.url("out/job"), "--workers", "0", "--no-progress"]) == 0
     assert f"{local.status_counts['success']} samples in 3 shards" in capsys.readouterr().out
+
+
+def test_shards_on_s3_are_input_for_a_subset_and_a_sidecar(tmp_path, server, s3):
+    """``input.shards`` as an s3:// URL (how the environment's credentials reach moto): a reshard to
+    local disk keeps every sample's bytes, and a sidecar written to S3 zips back with its base."""
+    from pipeline.loader import ShardDataset
+
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": [server.url(f"{i}.jpg") for i in range(N)],
+                             "caption": [f"pic {i}" for i in range(N)]}), urls)
+    run([str(urls)], s3.url("base"))
+    assert main(["subset", s3.url("base"), str(tmp_path / "resharded"), "--samples-per-shard", "4",
+                 "--engine", "local", "--no-progress"]) == 0
+    base = sorted(bytes(s["jpg"]) for s in ShardDataset(s3.url("base"), fields=["jpg"], decode=False))
+    again = sorted(bytes(s["jpg"]) for s in ShardDataset(tmp_path / "resharded", fields=["jpg"], decode=False))
+    assert again == base and len(base) > 0
+    assert all(len(list(tarfile.open(p).getnames())) <= 4 * 3 for p in (tmp_path / "resharded").glob("*.tar"))
+
+    spec = load_job(data={
+        "name": "tokens", "input": {"shards": [s3.url("base")]},
+        "tokenize": {"text": {"tokenizer": "open_clip", "max_length": 8}},
+        "output": {"dir": s3.url("tokens"), "layout": "sidecar"}, "execution": {"engine": "local", "progress": False}})
+    assert run_job(spec).ok
+    zipped = list(ShardDataset(s3.url("base"), sidecars=[s3.url("tokens")], fields=["jpg", "text_ids.npy"]))
+    assert len(zipped) == len(base) and all(len(s["text_ids.npy"]) <= 8 for s in zipped)

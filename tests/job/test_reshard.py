@@ -67,6 +67,18 @@ def test_subset_command_reshards_every_sample_once(downloaded, tmp_path, capsys)
     assert "samples kept" in capsys.readouterr().out
 
 
+def test_subset_on_ray_writes_what_local_writes(downloaded, tmp_path):
+    """The same subset on the Ray engine (a private Ray): every output file byte-identical."""
+    args = ["--samples-per-shard", "7", "--filter", "caption: {max_chars: 16}", "--no-progress"]
+    assert main(["subset", str(downloaded), str(tmp_path / "local"), "--engine", "local", *args]) == 0
+    assert main(["subset", str(downloaded), str(tmp_path / "ray"), "--engine", "ray", *args]) == 0
+    names = sorted(p.name for p in (tmp_path / "local").iterdir() if p.name[0].isdigit())
+    assert names and names == sorted(p.name for p in (tmp_path / "ray").iterdir() if p.name[0].isdigit())
+    for name in names:
+        if not name.endswith("_stats.json"):  # stats carry timings
+            assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
+
+
 def test_subset_help_explains(capsys):
     with pytest.raises(SystemExit):
         main(["subset", "--help"])
