@@ -41,7 +41,7 @@ def peak_growth(fn) -> tuple[int, object]:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     except OSError:
-        pytest.skip("needs Linux /proc/self/clear_refs to measure peak memory")
+        pytest.skip("needs Linux /proc/self/clear_refs to measure peak memory")  # reason: only where the kernel offers it
     gc.collect()
     ctypes.CDLL(None).malloc_trim(0)  # freed heap counts again when reused, so growth is real
     Path("/proc/self/clear_refs").write_text("5")
