@@ -133,6 +133,8 @@ def _shard(root: str, index_url: str, i: int, entry: Any, allow_outside_root: bo
         location = shard_location(root, url, allow_outside_root)
     except BadIndexError as e:
         raise BadIndexError(f"{index_url}: {e}") from None
+    except ValueError as e:  # e.g. a NUL byte, which no path or URL may hold
+        raise BadIndexError(f"{where}: not a usable location ({e})") from None
     return Shard(location, nsamples, filesize)
 
 

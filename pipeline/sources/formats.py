@@ -292,6 +292,8 @@ def _parquet_chunks(f, batch_rows: int, columns: Optional[list[str]], read: list
 def _parquet_values(column: pa.Array) -> list:
     """A column's values; binary columns as text where it is valid UTF-8, else bytes (flagged later),
     and string columns alike (writers that skip validation leave invalid UTF-8 in them)."""
+    if pa.types.is_dictionary(column.type):  # categoricals: judged by their values, as plain columns are
+        column = column.dictionary_decode()
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         try:
             return column.to_pylist()
