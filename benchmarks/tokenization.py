@@ -12,7 +12,9 @@ the text stage against a plain batch encode of the same tokenizer.
 * text: ids/s of the stage (open_clip's tokenizer, a tokenizers BPE) against the tokenizer's own
   batch call on the same captions.
 
-Prints both numbers and their ratio for each; nothing here is a test.
+``emu3-small`` keeps Emu3's layout at a quarter of its width (CPU runs); ``emu3-tiny`` at an eighth,
+with one residual block per level and 1024 codes, is ``benchmarks/gpu.sh --cpu-smoke``'s. Prints both numbers and their ratio for each;
+with ``--markdown PATH`` the image row, its goal checked, is added to gpu.sh's table. Nothing here is a test.
 """
 from __future__ import annotations
 
@@ -27,12 +29,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.clip import append_rows, command_line, verdict
 from pipeline.core import schema
 from pipeline.testing.synthetic import make_pairs  # noqa: E402
 from pipeline.tokenize import build_tokenizers
 
+GOAL_STAGE_FRACTION = 0.6  # issue 17: on a GPU, the image stage at least 60% of the model alone
+
 PRESETS = {
-    # The released Emu3 vision tokenizer's shape (Emu3VQVAEConfig defaults).
+    # The released Emu3 vision tokenizer's shape (Emu3VQVAEConfig defaults): 271M parameters.
     "emu3": dict(codebook_size=32768, embed_dim=4, latent_channels=4, base_channels=256,
                  channel_multiplier=[1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[3], hidden_size=1024,
                  temporal_downsample_factor=4),
@@ -40,7 +45,18 @@ PRESETS = {
     "emu3-small": dict(codebook_size=32768, embed_dim=4, latent_channels=4, base_channels=64,
                        channel_multiplier=[1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[3], hidden_size=256,
                        temporal_downsample_factor=4),
+    # The same layout, tiny: gpu.sh --cpu-smoke runs every code path in seconds with it.
+    "emu3-tiny": dict(codebook_size=1024, embed_dim=4, latent_channels=4, base_channels=32,
+                      channel_multiplier=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[3], hidden_size=128,
+                      temporal_downsample_factor=4),
 }
+
+
+def build_preset(preset: str):
+    """A randomly initialised ``Emu3VQVAE`` of the preset's shape (on torch's current default device)."""
+    from transformers import Emu3VQVAE, Emu3VQVAEConfig
+
+    return Emu3VQVAE(Emu3VQVAEConfig(**PRESETS[preset]))
 
 
 def write_shards(out: Path, n: int, per_shard: int, size: int = 256) -> tuple[list[str], list[str]]:
@@ -76,12 +92,11 @@ def shard_batches(urls: list[str]):
         yield batch
 
 
-def bench_images(args, workdir: Path) -> None:
-    from transformers import Emu3VQVAE, Emu3VQVAEConfig
-
+def bench_images(args, workdir: Path) -> dict:
+    """Images/s of the model alone and of the stage end to end, and what was measured."""
     torch.manual_seed(0)
     model_dir = workdir / f"vq-{args.preset}"
-    Emu3VQVAE(Emu3VQVAEConfig(**PRESETS[args.preset])).save_pretrained(model_dir)
+    build_preset(args.preset).save_pretrained(model_dir)
     n = args.batch_size * args.batches
     # A warm-up shard of one batch, then one shard with all timed batches: as in a real job, a
     # shard holds many batches, so decoding the next batch overlaps coding the current one.
@@ -129,6 +144,8 @@ def bench_images(args, workdir: Path) -> None:
     print(f"  model alone (random tensors): {alone:8.2f} img/s")
     print(f"  stage end to end (tar shards): {end_to_end_rate:8.2f} img/s")
     print(f"  ratio: {end_to_end_rate / alone:.0%}")
+    return dict(alone=alone, stage=end_to_end_rate, params=params, device=device.type, dtype=stage.compute_dtype,
+                images=n)
 
 
 def bench_text(args, workdir: Path) -> None:
@@ -196,7 +213,23 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
+def record_images(args, argv: list[str], result: dict) -> None:
+    """Check issue 17's goal; with ``--markdown``, add the row to gpu.sh's table."""
+    ratio = result["stage"] / result["alone"]
+    met = ratio >= GOAL_STAGE_FRACTION
+    goal = f">= {GOAL_STAGE_FRACTION:.0%} of the model alone"
+    print(f"goal stage {goal}: {verdict(met)}")
+    if args.markdown:
+        append_rows(args.markdown, [(
+            f"tokenize_image: {args.preset} VQ ({result['params'] / 1e6:.0f}M params, random weights), "
+            f"{result['images']} × 256 px JPEG in a tar shard, coded at {args.resolution} px, {result['dtype']}, "
+            f"batch {args.batch_size}, {result['device']}",
+            command_line("python benchmarks/tokenization.py", argv),
+            f"model alone on tensors already on the device: {result['alone']:,.1f} img/s",
+            f"stage end to end: {result['stage']:,.1f} img/s", f"{ratio:.0%}", goal, verdict(met))])
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: emu3 on cuda, emu3-small on cpu")
@@ -210,7 +243,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs of each measurement")
     p.add_argument("--skip-images", action="store_true")
     p.add_argument("--skip-text", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--markdown", default=None, metavar="PATH",
+                   help="append the image row, with issue 17's goal checked, to the table at PATH (gpu.sh)")
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    if args.markdown and args.skip_images:
+        p.error("--markdown records the image stage's goal; it cannot go with --skip-images")
     gpu = args.device == "cuda"
     args.preset = args.preset or ("emu3" if gpu else "emu3-small")
     args.batch_size = args.batch_size or (64 if gpu else 4)
@@ -221,7 +259,7 @@ def main() -> None:
         if not args.skip_text:
             bench_text(args, Path(tmp))
         if not args.skip_images:
-            bench_images(args, Path(tmp))
+            record_images(args, argv, bench_images(args, Path(tmp)))
 
 
 if __name__ == "__main__":
