@@ -7,7 +7,7 @@ when the stage is built (see ``VisualTokenizeStage.check``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 from pipeline.core.config import ConfigError, from_dict
 
@@ -80,6 +80,69 @@ class ImageTokenizeConfig:
                     raise ConfigError(f"buckets[{i}]: expected [height, width] > 0, got {b!r}")
 
 
+SequenceMapping = Literal["emu3", "chameleon", "offset"]
+OFFSET_ONLY = ("vocab_size", "visual_offset", "visual_tokens", "boi", "eoi", "eol", "bos", "eos")
+
+
+@dataclass
+class SequenceTokenizeConfig:
+    """The training sequence of each sample (``tokenize/sequence.py``): the text and image stages'
+    ids composed in one vocabulary. ``emu3`` and ``chameleon`` read their mapping from the target
+    model's tokenizer (which must be the text stage's); ``offset`` is a custom vocabulary."""
+
+    mapping: SequenceMapping
+    order: Literal["text_first", "image_first"] = "text_first"  # text_first: caption -> image (generation)
+    # emu3 / chameleon: a local tokenizer directory or hub id; default tokenize.text.tokenizer
+    tokenizer: Optional[str] = None
+    revision: Optional[str] = None
+    add_bos: bool = True   # emu3 / chameleon: the tokenizer's bos / eos once around each sample
+    add_eos: bool = True
+    # offset: visual code i is id visual_offset + i; markers are ids; eol, bos, eos optional
+    vocab_size: Optional[int] = None
+    visual_offset: Optional[int] = None
+    visual_tokens: Optional[int] = None  # how many visual ids; default vocab_size - visual_offset
+    boi: Optional[int] = None
+    eoi: Optional[int] = None
+    eol: Optional[int] = None
+    bos: Optional[int] = None
+    eos: Optional[int] = None
+
+    def validate(self) -> None:
+        if self.mapping != "offset":
+            given = [k for k in OFFSET_ONLY if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(f"{given[0]}: only used with mapping: offset (mapping is {self.mapping})")
+            return
+        if self.tokenizer is not None or self.revision is not None:
+            raise ConfigError("tokenizer: mapping offset takes ids, not a tokenizer")
+        for key in ("vocab_size", "visual_offset", "boi", "eoi"):
+            if getattr(self, key) is None:
+                raise ConfigError(f"{key}: required with mapping: offset")
+        if self.vocab_size <= 0:
+            raise ConfigError(f"vocab_size: must be > 0, got {self.vocab_size}")
+        if self.vocab_size > 1 << 32:
+            raise ConfigError(f"vocab_size: at most 2**32 (ids are stored as uint32), got {self.vocab_size}")
+        if not 0 <= self.visual_offset < self.vocab_size:
+            raise ConfigError(f"visual_offset: must be in [0, vocab_size={self.vocab_size}), got {self.visual_offset}")
+        count = self.visual_count
+        if count <= 0 or self.visual_offset + count > self.vocab_size:
+            raise ConfigError(f"visual_tokens: {count} visual ids from {self.visual_offset} do not fit in "
+                              f"vocab_size {self.vocab_size}")
+        for key in ("boi", "eoi", "eol", "bos", "eos"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if not 0 <= value < self.vocab_size:
+                raise ConfigError(f"{key}: must be in [0, vocab_size={self.vocab_size}), got {value}")
+            if self.visual_offset <= value < self.visual_offset + count:
+                raise ConfigError(f"{key}: {value} is a visual id (visual ids are {self.visual_offset}.."
+                                  f"{self.visual_offset + count - 1})")
+
+    @property
+    def visual_count(self) -> int:
+        return self.visual_tokens if self.visual_tokens is not None else self.vocab_size - self.visual_offset
+
+
 @dataclass
 class TokenizeConfig:
     """The section itself. Its parts stay plain mappings here and are read by :func:`parse`: an
@@ -87,10 +150,35 @@ class TokenizeConfig:
 
     text: Optional[dict[str, Any]] = None
     image: Optional[dict[str, Any]] = None
+    sequence: Optional[dict[str, Any]] = None
 
 
-def parse(cfg: Any, path: str = "tokenize") -> tuple[Optional[TextTokenizeConfig], Optional[ImageTokenizeConfig]]:
+class Sections(NamedTuple):
+    text: Optional[TextTokenizeConfig]
+    image: Optional[ImageTokenizeConfig]
+    sequence: Optional[SequenceTokenizeConfig]
+
+
+def parse(cfg: Any, path: str = "tokenize") -> Sections:
     section = from_dict(TokenizeConfig, cfg, path)
     text = None if section.text is None else from_dict(TextTokenizeConfig, section.text, f"{path}.text")
     image = None if section.image is None else from_dict(ImageTokenizeConfig, section.image, f"{path}.image")
-    return text, image
+    sequence = None
+    if section.sequence is not None:
+        sequence = from_dict(SequenceTokenizeConfig, section.sequence, f"{path}.sequence")
+        check_sequence_inputs(sequence, text, image, path)
+    return Sections(text, image, sequence)
+
+
+def check_sequence_inputs(sequence: SequenceTokenizeConfig, text: Optional[TextTokenizeConfig],
+                          image: Optional[ImageTokenizeConfig], path: str) -> None:
+    """The rules between the sequence and the stages whose ids it composes (no file is read)."""
+    if text is None or image is None:
+        raise ConfigError(f"{path}.sequence: needs {path}.text and {path}.image (it composes their ids)")
+    if sequence.mapping == "offset":
+        return
+    if text.add_special_tokens:
+        raise ConfigError(f"{path}.text.add_special_tokens: must be false with {path}.sequence (mapping "
+                          f"{sequence.mapping} adds bos/eos once per sample, add_bos / add_eos)")
+    if sequence.tokenizer is None:  # the text ids must be in the target model's vocabulary
+        sequence.tokenizer, sequence.revision = text.tokenizer, text.revision
