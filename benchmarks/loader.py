@@ -15,7 +15,10 @@ For each set, in one run, interleaved ``--repeats`` times with the same workers 
 * ``webdataset``: ``WebDataset(...).map(keep the fields).decode(...).batched(bs)`` in a
   ``WebLoader`` (the webdataset FAQ's pattern: batching in the workers);
 * ``mmcurate``: ``ShardDataset(dir, fields=..., batch_size=bs)`` in ``Loader``; for tokens also
-  ``mmcurate w=0``, the same read in the trainer's own process (no worker transport);
+  ``mmcurate w=0``, the same read in the trainer's own process (no worker transport); both read
+  the tars (``columnar=False``);
+* ``columnar`` / ``columnar w=0`` (tokens): the same, gathered from the shards' column files
+  (``NNNNN.columns.arrow``, memory-mapped; ``columnar=True``), with the workers and in-process;
 * ``raw read``: the tars' bytes read sequentially (1 MiB reads), files split over the same number
   of processes: the storage limit; samples/s = samples in the files / seconds;
 * ``raw tar``: the same processes iterating every member with the standard library's ``tarfile``
@@ -46,6 +49,7 @@ from pipeline.core import schema
 from pipeline.loader import Loader, ShardDataset  # noqa: E402
 from pipeline.media.npy import npy_bytes
 from pipeline.sinks import Directory
+from pipeline.sinks.columnar import column_file, column_name
 from pipeline.sinks.webdataset import shard_name, tar_bytes
 from pipeline.testing.output import write_shards
 
@@ -94,8 +98,9 @@ def write_token_shards(out: Path, n: int, per_shard: int) -> None:
             key = schema.make_key(shard, i, per_shard)
             members.append((f"{key}.text_ids.npy", npy_bytes(rng.integers(0, 49408, 77, dtype=np.int32))))
             members.append((f"{key}.image_ids.npy", npy_bytes(rng.integers(0, 16384, (32, 32), dtype=np.uint16))))
-        name = f"{shard_name(shard)}.tar"
-        Directory(out).write(name, tar_bytes(members))
+        name, tar = f"{shard_name(shard)}.tar", tar_bytes(members)
+        Directory(out).write(column_name(shard_name(shard)), column_file(members, len(tar)))  # as the sink does
+        Directory(out).write(name, tar)
         shardlist.append({"url": name, "nsamples": count, "filesize": (out / name).stat().st_size})
     index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": "bench-tokens", "shardlist": shardlist}
     (out / "index.json").write_text(json.dumps(index))
@@ -106,7 +111,7 @@ def ensure_shards(root: Path, images: int, tokens: int) -> tuple[Path, Path]:
     if not (img_dir / "index.json").exists():
         print(f"writing {images} image samples to {img_dir} ...", flush=True)
         write_image_shards(img_dir, images, 500)
-    if not (tok_dir / "index.json").exists():
+    if not (tok_dir / "index.json").exists() or not (tok_dir / column_name(shard_name(0))).exists():
         print(f"writing {tokens} token samples to {tok_dir} ...", flush=True)
         write_token_shards(tok_dir, tokens, 5000)
     return img_dir, tok_dir
@@ -149,8 +154,8 @@ def run_webdataset(out: Path, fields: tuple[str, ...], workers: int, batch_size:
     return n
 
 
-def run_mmcurate(out: Path, fields: tuple[str, ...], workers: int, batch_size: int) -> int:
-    ds = ShardDataset(str(out), fields=list(fields), batch_size=batch_size)
+def run_mmcurate(out: Path, fields: tuple[str, ...], workers: int, batch_size: int, columnar: bool = False) -> int:
+    ds = ShardDataset(str(out), fields=list(fields), batch_size=batch_size, columnar=columnar)
     n = 0
     for batch in Loader(ds, num_workers=workers):
         n += len(batch["__key__"])
@@ -192,7 +197,7 @@ def run_ipc_ceiling(out: Path, fields: tuple[str, ...], workers: int, batch_size
     from pipeline.loader.decode import batch_tensor
 
     n = total_samples(out)
-    template = next(iter(ShardDataset(str(out), fields=list(fields), batch_size=batch_size)))
+    template = next(iter(ShardDataset(str(out), fields=list(fields), batch_size=batch_size, columnar=False)))
 
     class Ready(IterableDataset):
         def __iter__(self):
@@ -231,6 +236,10 @@ def report(title: str, rates: dict[str, float], baseline: str, limit: str) -> No
     if "mmcurate w=0" in rates:
         print(f"  mmcurate w=0 (in the trainer's process, no transport) / {limit}: "
               f"{rates['mmcurate w=0'] / rates[limit]:.0%}")
+    if "columnar" in rates:
+        print(f"  columnar w=0 / {limit}: {rates['columnar w=0'] / rates[limit]:.0%}    columnar / ipc ceiling: "
+              f"{rates['columnar'] / rates['ipc ceiling']:.0%}    columnar / mmcurate: "
+              f"{rates['columnar'] / ours:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,6 +278,8 @@ def run_tokens(tok_dir: Path, args: argparse.Namespace) -> None:
     tok = measure({"webdataset": lambda: run_webdataset(tok_dir, TOKEN_FIELDS, w, bs),
                    "mmcurate": lambda: run_mmcurate(tok_dir, TOKEN_FIELDS, w, bs),
                    "mmcurate w=0": lambda: run_mmcurate(tok_dir, TOKEN_FIELDS, 0, bs),
+                   "columnar": lambda: run_mmcurate(tok_dir, TOKEN_FIELDS, w, bs, columnar=True),
+                   "columnar w=0": lambda: run_mmcurate(tok_dir, TOKEN_FIELDS, 0, bs, columnar=True),
                    "raw read": lambda: run_in_processes(_read_raw, tok_dir, w),
                    "raw tar": lambda: run_in_processes(_read_tarfile, tok_dir, w),
                    "ipc ceiling": lambda: run_ipc_ceiling(tok_dir, TOKEN_FIELDS, w, bs)},

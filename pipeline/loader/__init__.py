@@ -36,11 +36,18 @@ format whitelist or over ``max_pixels``, a bad ``.npy``) skips its sample. See `
 
 A base read with sidecars (``ShardDataset(base, sidecars=[...])``, see ``sidecar.py``) is zipped by
 key: a shard counts the samples every sidecar kept, so all of the above holds for it as well.
+
+``.npy`` fields are read from each shard's column file (``NNNNN.columns.arrow``, memory-mapped; see
+``columnar.py``) instead of the tar when every requested field is fixed-shape there (``columnar=None``,
+the default; ``True`` also serves ragged fields, as values + offsets + shapes; ``False`` reads the tars):
+the same samples in the same order, gathered per batch without per-sample objects.
 """
 from pipeline.loader.dataset import Loader, ShardDataset, ShardError, SkippedDataWarning
 from pipeline.loader.decode import collate
 from pipeline.loader.index import BadIndexError, Shard, Source, open_source, read_index
+from pipeline.loader.packing import PackedDataset, PackedLoader, collate_rows
 from pipeline.loader.sidecar import SidecarMismatchError, with_sidecars
 
 __all__ = ["ShardDataset", "Loader", "Shard", "Source", "ShardError", "SkippedDataWarning", "BadIndexError",
-           "SidecarMismatchError", "read_index", "open_source", "with_sidecars", "collate"]
+           "SidecarMismatchError", "read_index", "open_source", "with_sidecars", "collate",
+           "PackedDataset", "PackedLoader", "collate_rows"]

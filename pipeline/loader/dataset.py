@@ -8,13 +8,14 @@ import warnings
 from itertools import chain
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.loader.columnar import ColumnReader, FieldLayout, columnar_fields
 from pipeline.loader.decode import ImageOptions, _decode_column, _decode_value, collate
 from pipeline.loader.index import Shard, Source, _open, open_source
-from pipeline.loader.plan import Plan, Segment, epoch_draws, mix_order, rank_draws, worker_ranges
+from pipeline.loader.plan import (Plan, Segment, epoch_draws, mix_order, rank_draws, window_order,
+                                 worker_ranges)
 from pipeline.loader.sidecar import SidecarMismatchError, with_sidecars, zipped_samples
 from pipeline.loader.tar import READ_BLOCK, SCAN_BLOCK, TarFormatError, _samples, _TarReader
 from pipeline.media.geometry import MAX_PIXELS
@@ -96,6 +97,11 @@ class ShardDataset(IterableDataset):
       sidecar has it as a success, and its members are the base's plus the sidecars'. A sidecar that
       does not match its base raises :class:`~pipeline.loader.sidecar.SidecarMismatchError`. To mix
       such a base with other sources, pass ``with_sidecars(base, [...])`` as one of them.
+    * ``columnar``: gather batches of ``.npy`` fields from the shards' column files
+      (``pipeline.loader.columnar``: same samples, order and values; ragged fields as ``values`` +
+      ``offsets`` + ``shapes``). None (default): when every shard has them and every field has one
+      shape, so batches are what the tars give (see ``columnar_refused`` for why not); True: also
+      ragged fields, and raise ValueError unless it can; False: always read the tars.
 
     Every sample carries ``__key__``, ``__url__``, ``__worker__`` and ``__step__``. Resume state is
     kept when the dataset is iterated in this process or through :class:`Loader`; with a plain
@@ -109,7 +115,8 @@ class ShardDataset(IterableDataset):
                  image_dtype: str = "uint8", image_size: Optional[int] = None, resize_mode: str = "center_crop",
                  decoders: Optional[Mapping[str, Callable[[bytes], Any]]] = None, strict: bool = False,
                  storage_options: Optional[dict] = None, max_pixels: int = MAX_PIXELS,
-                 allow_outside_root: bool = False, sidecars: Sequence[Union[str, os.PathLike]] = ()):
+                 allow_outside_root: bool = False, sidecars: Sequence[Union[str, os.PathLike]] = (),
+                 columnar: Optional[bool] = None):
         if batch_size is not None and batch_size <= 0:
             raise ValueError("batch_size must be > 0")
         if shuffle_buffer <= 0:
@@ -139,6 +146,13 @@ class ShardDataset(IterableDataset):
         self.decoders = dict(decoders or {})
         self.strict = strict
         self.storage_options = storage_options
+        # Field layouts when batches are gathered from the shards' column files; else why not.
+        layouts = columnar_fields(self.sources, self.want, batch_size, decode, self.decoders, storage_options,
+                                  ragged=bool(columnar)) if columnar is not False else "columnar=False"
+        if columnar and isinstance(layouts, str):
+            raise ValueError(f"columnar=True, but these shards cannot be read from column files: {layouts}")
+        self.columnar: Optional[dict[str, FieldLayout]] = layouts if isinstance(layouts, dict) else None
+        self.columnar_refused: Optional[str] = layouts if isinstance(layouts, str) else None
         self.epoch = 0
         self._consumed: dict[int, int] = {}   # worker -> steps delivered this epoch
         self._num_workers: Optional[int] = None  # the worker count the consumed steps refer to
@@ -228,9 +242,12 @@ class ShardDataset(IterableDataset):
         workers, steps = item["__worker__"], item["__step__"]
         if isinstance(workers, int):
             workers, steps = [workers], [steps]
-        for w, s in zip(_ints(workers), _ints(steps)):
+        workers, steps = _ints(workers), _ints(steps)
+        if workers and workers.count(workers[0]) == len(workers):  # a batch is one worker's: no walk
+            workers, steps = workers[:1], [max(steps)]
+        for w, s in zip(workers, steps):
             if s + 1 > self._consumed.get(w, 0):
-                self._consumed[w] = s + 1
+                self._consumed[int(w)] = int(s) + 1
         self._delivered += len(item["__key__"]) if isinstance(item["__key__"], list) else 1
 
     def stats(self) -> dict:
@@ -262,6 +279,9 @@ class ShardDataset(IterableDataset):
     def _batches(self, worker: int, num_workers: int) -> Iterator[dict]:
         """Batches of ``batch_size`` consecutive steps (worker ranges are whole batches); samples
         skipped as corrupt leave their batch short rather than shift every later batch."""
+        if self.columnar:
+            yield from ColumnReader(self, self.columnar).batches(worker, num_workers)
+            return
         pending: list[tuple[int, tuple]] = []
         steps, size = self.plan(worker, num_workers).steps, self.batch_size
         for step, raw in self._raw(worker, num_workers):
@@ -292,8 +312,7 @@ class ShardDataset(IterableDataset):
                 yield w * window + k, items[order[k]]
 
     def _window_order(self, window: int, worker: int, n: int) -> list[int]:
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, window, 0xB0F])
-        return rng.permutation(n).tolist()
+        return window_order(self.seed, self.epoch, self.rank, worker, window, n).tolist()
 
     def _draws(self, plan: Plan, skip: int) -> Iterator[Optional[tuple]]:
         """The raw samples of the plan's draws from step ``skip`` on, in merged-stream order."""
@@ -398,7 +417,9 @@ def _small_samples(shard: Shard) -> bool:
 
 
 def _ints(values: Any) -> list[int]:
-    return values.tolist() if isinstance(values, torch.Tensor) else [int(v) for v in values]
+    if isinstance(values, torch.Tensor):
+        return values.tolist()
+    return values if isinstance(values, list) else [int(v) for v in values]  # our batches hold lists
 
 
 # -- loader ----------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Epoch planning, pure arithmetic with no I/O: who reads which draws (sources' draws per epoch,
-their split over ranks and workers, the merged order of a rank's sources, and shard slices)."""
+their split over ranks and workers, the merged order of a rank's sources, shard slices, the
+shuffle of a worker's windows), also as arrays of (shard, row) for the columnar reader."""
 from __future__ import annotations
 
 import bisect
 import heapq
 import math
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, islice
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -178,3 +179,54 @@ def worker_ranges(total: int, num_workers: int, batch_size: Optional[int], drop_
                 break
     bounds = [0, *accumulate(sizes)]
     return [(bounds[w], bounds[w + 1]) for w in range(num_workers)]
+
+
+def window_order(seed: int, epoch: int, rank: int, worker: int, window: int, n: int) -> np.ndarray:
+    """The permutation of a worker's shuffle window ``window`` (``n`` draws)."""
+    return np.random.default_rng([seed, epoch, rank, worker, window, 0xB0F]).permutation(n)
+
+
+def _segment_arrays(segments: Sequence[Segment], shard_base: Sequence[int], chunk: int
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for seg in segments:
+        for lo in range(seg.start, seg.stop, chunk):
+            rows = np.arange(lo, min(lo + chunk, seg.stop), dtype=np.int64)
+            yield np.full(len(rows), shard_base[seg.source] + seg.shard, np.int64), rows
+
+
+class _Taker:
+    """The next ``n`` draws of one source's stream of (shard, row) arrays."""
+
+    def __init__(self, chunks: Iterator[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.chunks, self.shards, self.rows = chunks, np.empty(0, np.int64), np.empty(0, np.int64)
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        while len(self.rows) < n:
+            shards, rows = next(self.chunks)
+            self.shards, self.rows = np.concatenate([self.shards, shards]), np.concatenate([self.rows, rows])
+        out = self.shards[:n], self.rows[:n]
+        self.shards, self.rows = self.shards[n:], self.rows[n:]
+        return out
+
+
+def draw_arrays(plan: Plan, sources: Sequence[Source], seed: int, shuffle: bool, skip: int = 0,
+                chunk: int = 1 << 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The plan's draws from step ``skip`` on, in merged-stream order, as chunks of (flat shard
+    index, row) arrays: shard ``k`` of source ``i`` is ``sum(len(s.shards) for s in sources[:i]) + k``."""
+    shard_base = [0, *accumulate(len(s.shards) for s in sources)]
+    segments = plan.segments(sources, seed, shuffle, skip)
+    if len(sources) == 1:
+        yield from _segment_arrays(segments[0], shard_base, chunk)
+        return
+    takers = [_Taker(_segment_arrays(s, shard_base, chunk)) for s in segments]
+    order = mix_order(plan.counts, plan.begin + skip, plan.end)
+    while True:
+        which = np.fromiter(islice(order, chunk), np.int64)
+        if not len(which):
+            return
+        shards, rows = np.empty(len(which), np.int64), np.empty(len(which), np.int64)
+        for i, taker in enumerate(takers):
+            at = np.flatnonzero(which == i)
+            if len(at):
+                shards[at], rows[at] = taker.take(len(at))
+        yield shards, rows

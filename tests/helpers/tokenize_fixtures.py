@@ -2,14 +2,23 @@
 saved with ``save_pretrained``, so every model is loaded by path like a user's."""
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+import yaml
 from PIL import Image
 
 from pipeline.core import schema
+from pipeline.job.spec import JobSpec, load_job
+from pipeline.testing.assets import TINY_VQ
+from pipeline.testing.serve import LocalServer
+from pipeline.testing.synthetic import make_pairs
 
 torch.set_num_threads(2)
 
@@ -91,3 +100,36 @@ def save_tiny_vae(path: Path, seed: int = 0, scaling_factor: float = 0.5) -> Pat
                   latent_channels=4, norm_num_groups=32, sample_size=32,
                   scaling_factor=scaling_factor).save_pretrained(path)
     return path
+
+
+# -- tokenize jobs over a local server ---------------------------------------------------------------
+TOKENIZE = {"text": {"tokenizer": "open_clip", "max_length": 32},
+            "image": {"model": str(TINY_VQ), "resolution": 64, "batch_size": 8, "device": "cpu"}}
+
+
+@contextlib.contextmanager
+def pairs_server(n: int, seed: int, dead: int) -> Iterator[LocalServer]:
+    """``n`` synthetic image-caption pairs on 127.0.0.1 (``server.captions``); image ``dead`` is a
+    dead link."""
+    pairs = make_pairs(n, seed=seed, size=80)
+    files = {f"{i}.jpg": encode_image(im, quality=95) for i, (im, _) in enumerate(pairs) if i != dead}
+    with LocalServer(files) as srv:
+        srv.captions = [c for _, c in pairs]
+        yield srv
+
+
+def tokenize_job(tmp_path: Path, server: LocalServer, name: str, tokenize: Optional[dict[str, Any]] = None,
+                 samples_per_shard: int = 8, **execution) -> JobSpec:
+    """A job over every pair of ``server``: 64 px images, ``tokenize`` (default ``TOKENIZE``), the
+    local engine, into ``tmp_path/name``."""
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": [server.url(f"{i}.jpg") for i in range(len(server.captions))],
+                             "caption": server.captions}), urls)
+    data = {"name": name, "input": {"files": [str(urls)]},
+            "download": {"image_size": 64, "allow_private_addresses": True, "timeout": 5},
+            "tokenize": tokenize or TOKENIZE,
+            "output": {"dir": str(tmp_path / name), "samples_per_shard": samples_per_shard},
+            "execution": {"engine": "local", "progress": False, **execution}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_job(path)

@@ -6,42 +6,22 @@ import json
 import tarfile
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from helpers.tokenize_fixtures import encode_image
+from helpers.tokenize_fixtures import pairs_server, tokenize_job
 from pipeline.job.runner import run_job
-from pipeline.job.spec import load_job
-from pipeline.testing.assets import TINY_VQ
-from pipeline.testing.serve import LocalServer
-from pipeline.testing.synthetic import make_pairs
 
 N = 20
-TOKENIZE = {"text": {"tokenizer": "open_clip", "max_length": 32},
-            "image": {"model": str(TINY_VQ), "resolution": 64, "batch_size": 8, "device": "cpu"}}
 
 
 @pytest.fixture(scope="module")
 def server():
-    pairs = make_pairs(N, seed=2, size=80)
-    files = {f"{i}.jpg": encode_image(im, quality=95) for i, (im, _) in enumerate(pairs) if i != 5}  # 5: dead
-    with LocalServer(files) as srv:
-        srv.captions = [c for _, c in pairs]
+    with pairs_server(N, seed=2, dead=5) as srv:
         yield srv
 
 
-def job(tmp_path, server, name, **execution):
-    urls = tmp_path / "urls.parquet"
-    pq.write_table(pa.table({"url": [server.url(f"{i}.jpg") for i in range(N)], "caption": server.captions}), urls)
-    data = {"name": name, "input": {"files": [str(urls)]},
-            "download": {"image_size": 64, "allow_private_addresses": True, "timeout": 5},
-            "tokenize": TOKENIZE, "output": {"dir": str(tmp_path / name), "samples_per_shard": 8},
-            "execution": {"engine": "local", "progress": False, **execution}}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return load_job(path)
+job = tokenize_job
 
 
 def members(tar_path) -> dict[str, bytes]:
