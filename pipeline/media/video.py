@@ -92,6 +92,7 @@ class Clip:
     method: str                # remux | reencode
     codec: str = "h264"
     frames: Optional[np.ndarray] = None  # (T, H, W, 3) uint8 when frames are sampled
+    motion: Optional[float] = None       # pipeline.media.scenes.motion_score, when asked for
 
     @property
     def duration(self) -> float:
