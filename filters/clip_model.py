@@ -12,10 +12,24 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 RANDOM_WEIGHTS = "random"
+TORCH_RESIZE_MODES = ("shortest",)  # what the tensor decode path implements of open_clip's resize modes
 _REGISTERED: set[Path] = set()  # config files already given to open_clip (each add rescans all configs)
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """"bf16" (autocast) or "fp32": ``auto`` is bf16 on CUDA."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device == "cuda") else "fp32"
+
+
+def resolve_decode(decode: str, device: str, resize_mode: Optional[str]) -> str:
+    """"torch" or "pil": ``auto`` is the tensor path on CUDA when it implements the model's resize
+    mode (None: not known yet, so PIL, which does every mode)."""
+    if decode != "auto":
+        return decode
+    return "torch" if device == "cuda" and resize_mode in TORCH_RESIZE_MODES else "pil"
 
 
 @dataclass

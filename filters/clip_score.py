@@ -37,8 +37,8 @@ from pipeline.core.stage import JobContext
 from pipeline.media.npy import npy_bytes
 
 from .base import Filter, alive_with_image, with_preset
-from .clip_model import RANDOM_WEIGHTS, absolute_if_path, file_digest, is_config_path
-from .clip_scorer import TORCH_RESIZE_MODES, resolve_decode, resolve_precision
+from .clip_model import (RANDOM_WEIGHTS, TORCH_RESIZE_MODES, absolute_if_path, file_digest, is_config_path,
+                         resolve_decode, resolve_precision)
 
 COLUMN = "clip_score"
 # Transient batch column: per row the L2-normalised float32 image embedding (or None), for the

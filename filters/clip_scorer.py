@@ -41,30 +41,19 @@ from PIL import Image
 
 from pipeline.core.schema import ErrorKind
 from pipeline.media.geometry import MAX_PIXELS, torchvision_center_offset, torchvision_short_side
+from pipeline.core.model_stage import poisons_device
 from pipeline.media.image_open import ImageRejected, open_image
 
-from .clip_model import ClipModel
+from .clip_model import TORCH_RESIZE_MODES, ClipModel, resolve_decode, resolve_precision
 
 Problem = tuple[str, str]  # (ErrorKind, message): why an image could not be decoded
 Decoded = tuple[torch.Tensor, list[int], dict[int, Problem]]  # pixels of the ok images, their positions, errors
-TORCH_RESIZE_MODES = ("shortest",)  # what the tensor path implements of open_clip's resize modes
 _JPEG_FORMATS = ("JPEG", "MPO")
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """"bf16" (autocast) or "fp32": ``auto`` is bf16 on CUDA."""
-    return "bf16" if precision == "bf16" or (precision == "auto" and device == "cuda") else "fp32"
-
-
-def resolve_decode(decode: str, device: str, resize_mode: Optional[str]) -> str:
-    """"torch" or "pil": ``auto`` is the tensor path on CUDA when it implements the model's resize
-    mode (None: not known yet, so PIL, which does every mode)."""
-    if decode != "auto":
-        return decode
-    return "torch" if device == "cuda" and resize_mode in TORCH_RESIZE_MODES else "pil"
-
-
 def problem(error: Exception) -> Problem:
+    if poisons_device(error):  # not this image's problem: the worker's context is gone
+        raise error
     if isinstance(error, ImageRejected):
         return error.kind, str(error)
     if isinstance(error, Image.DecompressionBombError):  # PIL's own backstop
@@ -162,12 +151,16 @@ class TorchDecoder:
             try:
                 for k, t in zip(jpegs, tvio.decode_jpeg(raw, mode=tvio.ImageReadMode.RGB, device=self.device)):
                     out[k] = t
-            except RuntimeError:  # one JPEG it rejects fails the batch call: one by one
+            except RuntimeError as e:  # one JPEG it rejects fails the batch call: one by one
+                if poisons_device(e):
+                    raise
                 for k, r in zip(jpegs, raw):
                     try:
                         out[k] = tvio.decode_jpeg(r, mode=tvio.ImageReadMode.RGB, device=self.device)
-                    except RuntimeError:
-                        pass  # one the device decoder rejects: PIL decodes it below
+                    except RuntimeError as e:
+                        if poisons_device(e):
+                            raise
+                        # one the device decoder rejects: PIL decodes it below
         for k, d in enumerate(images):
             if out[k] is None and k not in errors:
                 try:

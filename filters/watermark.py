@@ -55,7 +55,6 @@ from pipeline.media.image_open import open_image
 
 from .base import Filter, alive_with_image, score_problem, with_preset
 from .clip_model import absolute_if_path, file_digest
-from .clip_scorer import problem
 
 COLUMN = "watermark_score"
 HUB_PREFIX = "hf-hub:"
@@ -281,6 +280,8 @@ def pixels(data: bytes, size: tuple[int, int]) -> np.ndarray | tuple[str, str]:
     """(3, H, W) uint8: the image squashed to ``size`` (LAION's Resize((256, 256))), or why the
     bytes could not be decoded (its ErrorKind and message)."""
     from PIL import Image
+
+    from .clip_scorer import problem  # here: the scorer module imports PyTorch, which a job's spec check must not
 
     try:
         with open_image(data) as im:
