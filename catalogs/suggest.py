@@ -16,6 +16,8 @@ VIDEO_DOWNLOAD = {"media": "video", "timeout": 60, "retries": 1, "max_bytes": 30
 # YouTube throttles aggressively (HTTP 429, bot checks): few requests per host.
 YOUTUBE_DOWNLOAD = {"media": "video", "timeout": 120, "retries": 2, "max_bytes": 500_000_000, "concurrency": 16,
                     "per_host_limit": 4}
+# Few videos in flight and few extractions a second through yt-dlp, as the shipped jobs do.
+YOUTUBE_VIDEO = {"backend": "auto", "ytdlp_concurrency": 2, "ytdlp_rate": 0.5}
 
 
 def default_input(card: Card) -> str:
@@ -34,7 +36,7 @@ def download_settings(card: Card) -> dict[str, Any]:
 def job_spec(card: Card, files: Optional[list[str]] = None, out_dir: Optional[str] = None) -> dict[str, Any]:
     """A job spec (plain dict, as in YAML) that reads ``card`` through its catalog reader."""
     video = card.modality == "video-text"
-    return {
+    spec = {
         "name": card.name,
         "input": {"catalog": card.name, "files": list(files) if files else [default_input(card)]},
         "download": download_settings(card),
@@ -42,6 +44,9 @@ def job_spec(card: Card, files: Optional[list[str]] = None, out_dir: Optional[st
         "output": {"dir": out_dir or f"out/{card.name}", "samples_per_shard": 1000 if video else 10000},
         "execution": {"engine": "ray"},
     }
+    if video and card.metadata.media == "youtube":
+        spec["video"] = dict(YOUTUBE_VIDEO)
+    return spec
 
 
 def job_file(card: Card) -> Optional[Path]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from html.parser import HTMLParser
 
 import pytest
+from pathlib import Path
+
 import yaml
 
 from catalogs import all_cards, load_card
@@ -102,6 +104,14 @@ def test_spec_prints_a_valid_job(capsys, tmp_path):
     assert spec.input.files == ["hf://datasets/kakaobrain/coyo-700m"] and spec.download.image_size == 256
     code, _, err = run(capsys, "spec", "flickr30k")
     assert code == 2 and "no confirmed column map" in err
+
+
+def test_spec_of_a_youtube_card_caps_yt_dlp_like_the_shipped_job(capsys):
+    spec = load_job(data=run_json(capsys, "spec", "panda-70m"))
+    shipped = load_job(Path(__file__).parents[2] / "jobs" / "panda-70m.yaml")
+    assert spec.video.backend == "auto"
+    assert (spec.video.ytdlp_concurrency, spec.video.ytdlp_rate) == (shipped.video.ytdlp_concurrency,
+                                                                     shipped.video.ytdlp_rate)
 
 
 class _Table(HTMLParser):
