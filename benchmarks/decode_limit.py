@@ -8,9 +8,11 @@ side, like web images), resized to 256 px center_crop, jpg q95.
     .venv/bin/python benchmarks/decode_limit.py --impl ours --json
     .benchvenv/bin/python benchmarks/decode_limit.py --impl img2dataset
 
-Parallel throughput uses each tool's own model: ours a thread pool (the download stage resizes in
-one thread per core; PIL releases the GIL), img2dataset a process pool (its resize runs in each
-worker process's main thread, and its stdout/stderr suppression is not thread-safe).
+Parallel throughput uses each tool's own model by default: ours a thread pool (the download stage
+on one CPU, and each Ray task, resize on threads; PIL releases the GIL), img2dataset a process pool
+(its resize runs in each worker process's main thread, and its stdout/stderr suppression is not
+thread-safe). ``--pool process`` measures ours as the local engine runs it with more than one CPU
+(one worker process per CPU).
 
 Other code (the download benchmark) calls :func:`measure` for ours and :func:`measure_peer` for
 img2dataset, which re-runs this file under the peer venv.

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands (catalog, report, stream, ...).
-EXTENSIONS: list[str] = ["catalogs.cli", "pipeline.cli.report", "pipeline.cli.stream", "pipeline.cli.subset"]
+EXTENSIONS: list[str] = ["catalogs.cli", "pipeline.cli.report", "pipeline.cli.stream", "pipeline.cli.subset",
+                         "pipeline.cli.retry"]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

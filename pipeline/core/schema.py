@@ -43,6 +43,12 @@ CLIP_START = "clip_start"
 CLIP_END = "clip_end"
 DOC_ID = "doc_id"
 POSITION = "position"
+# Set by the download stage: how many times the job tried the row (1 on the first run, one more per
+# ``mmcurate retry``; a fetch's own retries within one try are not counted) and, for a row a retry
+# tried again, when (UTC, ISO 8601). Null in a plain run, so that two runs give the same bytes.
+ATTEMPTS = "attempts"
+LAST_ATTEMPT = "last_attempt"
+DOWNLOAD_COLUMNS = {ATTEMPTS: "int32", LAST_ATTEMPT: "string"}
 
 STATUS_COLUMNS = (KEY, URL, CAPTION, STATUS, ERROR_KIND, ERROR_MESSAGE, WIDTH, HEIGHT,
                   ORIGINAL_WIDTH, ORIGINAL_HEIGHT, SHA256)
@@ -125,7 +131,15 @@ class ErrorKind(str, enum.Enum):
     BAD_ENCODING = ("bad_encoding", FAILED_TO_DOWNLOAD,
                     "the body starts like its Content-Encoding (gzip, deflate) but does not decode")
     YTDLP_ERROR = ("ytdlp_error", FAILED_TO_DOWNLOAD,
-                   "yt-dlp could not fetch the video (unsupported page, removed, private)")
+                   "yt-dlp could not fetch the video for another reason (extractor error, no format)")
+    VIDEO_REMOVED = ("video_removed", FAILED_TO_DOWNLOAD,
+                     "the video is gone: unavailable, removed by the uploader, or its account terminated")
+    VIDEO_PRIVATE = "video_private", FAILED_TO_DOWNLOAD, "the video is private"
+    GEO_BLOCKED = "geo_blocked", FAILED_TO_DOWNLOAD, "the video is not available in the downloader's country"
+    BOT_CHECK = ("bot_check", FAILED_TO_DOWNLOAD,
+                 "the site asks to sign in to confirm we are not a bot (or a captcha) before serving the video")
+    RATE_LIMITED = ("rate_limited", FAILED_TO_DOWNLOAD,
+                    "the site rate-limits this client (HTTP 429, too many requests, try again later)")
     # decode / resize
     DECODE_ERROR = "decode_error", FAILED_TO_DECODE, "the bytes could not be decoded"
     ENCODE_ERROR = ("encode_error", FAILED_TO_DECODE,
@@ -175,6 +189,14 @@ def alive(batch: Batch) -> list[int]:
 
 def batch_len(batch: Batch) -> int:
     return len(batch[KEY])
+
+
+def count_attempt(batch: Batch, rows: list[int]) -> None:
+    """The download stage is trying ``rows`` (once more, for rows a retry brought back)."""
+    attempts = batch.setdefault(ATTEMPTS, [None] * batch_len(batch))
+    batch.setdefault(LAST_ATTEMPT, [None] * batch_len(batch))
+    for i in rows:
+        attempts[i] = (attempts[i] or 0) + 1
 
 
 def set_column(batch: Batch, name: str, index: list[int], values: list[Any], fill: Any = None) -> None:

@@ -1,5 +1,7 @@
-"""The image download stage: fetch every pending row (async, many in flight) and resize it in a
-thread pool (PIL releases the GIL), one thread per CPU the stage was given."""
+"""The image download stage: fetch every pending row (async, many in flight) and hash and resize
+it off the event loop: on one thread per CPU the stage was given, or, on the local engine with
+more than one CPU, in one worker process per CPU (:class:`pipeline.core.stage.ThreadPoolStage`
+decides). Either way the same function makes the same bytes, recorded in row order."""
 from __future__ import annotations
 
 import asyncio
@@ -9,16 +11,16 @@ from typing import Optional
 
 from pipeline.core import schema
 from pipeline.core.schema import Batch
-from pipeline.core.stage import ThreadPoolStage
+from pipeline.core.stage import ThreadPoolStage, WorkerCrashed
 from pipeline.fetch import FetchConfig, Fetcher
-from pipeline.media.resize import ResizeConfig, resize_image
+from pipeline.media.resize import ResizeConfig, hash_and_resize
 
 
 @dataclass(frozen=True)
 class ImageDownloadConfig:
     fetch: FetchConfig
     resize: ResizeConfig
-    cpus: int = 1  # threads decoding and resizing
+    cpus: int = 1  # threads (or worker processes) decoding and resizing
     # img2dataset's verify_hash: the hash ("sha256" | "md5") of the bytes as fetched (before resize)
     # must equal, case-insensitively, the row's value in column ``hash_col``; a mismatch is
     # hash_mismatch. A row without a value there is fetched without the check.
@@ -28,13 +30,19 @@ class ImageDownloadConfig:
 
 class ImageDownloadStage(ThreadPoolStage):
     name = "download"
+    processes_safe = True  # hash_and_resize is a pure function of the body and the resize config
 
     def __init__(self, config: ImageDownloadConfig) -> None:
         super().__init__(config, config.cpus)
 
+    @property
+    def columns(self) -> dict[str, str]:
+        return schema.DOWNLOAD_COLUMNS
+
     def process(self, batch: Batch) -> Batch:
         self.setup()
         rows = schema.alive(batch)
+        schema.count_attempt(batch, rows)
         if rows:
             asyncio.run(self._download(batch, rows))
         return batch
@@ -44,7 +52,6 @@ class ImageDownloadStage(ThreadPoolStage):
         # retry (a host answering 429 does not hold up the others); the body keeps its share of
         # the fetcher's byte budget until it is resized.
         slots = asyncio.Semaphore(self.config.fetch.concurrency)
-        loop = asyncio.get_running_loop()
         async with Fetcher(self.config.fetch) as fetcher:
 
             async def one(i: int) -> None:
@@ -58,8 +65,10 @@ class ImageDownloadStage(ThreadPoolStage):
                         if problem:
                             schema.mark(batch, i, schema.ErrorKind.HASH_MISMATCH, problem)
                             return
-                        digest, out = await loop.run_in_executor(self._pool, _hash_and_resize, got.body,
-                                                                 self.config.resize)
+                        digest, out = await self.run_cpu(hash_and_resize, got.body, self.config.resize)
+                    except WorkerCrashed as e:
+                        schema.mark(batch, i, schema.ErrorKind.DECODE_ERROR, str(e))
+                        return
                     finally:
                         got.release()
                     self._record(batch, i, digest, out)
@@ -89,7 +98,3 @@ class ImageDownloadStage(ThreadPoolStage):
         batch[schema.STATUS][i] = schema.SUCCESS
         batch[schema.FILES][i][self.config.resize.encode_format] = out.data
 
-
-def _hash_and_resize(body: bytes, config: ResizeConfig):
-    """Off the event loop: the sha256 of the original bytes (as published hashes are) and the resize."""
-    return hashlib.sha256(body).hexdigest(), resize_image(body, config)

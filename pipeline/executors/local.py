@@ -1,5 +1,8 @@
 """The local executor: every shard in this process, one after the other (tests, debugging, small
-jobs). Stages are set up once; ordered stages see shards in order because everything does."""
+jobs). Stages are set up once; ordered stages see shards in order because everything does. The
+stages may start worker processes for their CPU work (this process is long-lived and alone:
+``Stage.allow_processes``); they are torn down, their workers stopped, when the job ends, even
+by an exception."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -19,8 +22,16 @@ class LocalExecutor(Executor):
         return cuda_devices()
 
     def schedule(self, work: Iterator[Work], stages: list[Stage], sink: Sink, on_done: OnDone) -> None:
-        for stage in stages:
-            stage.setup()
+        try:
+            for stage in stages:
+                stage.allow_processes()
+                stage.setup()
+            self._run_all(work, stages, sink, on_done)
+        finally:
+            for stage in stages:
+                stage.teardown()
+
+    def _run_all(self, work: Iterator[Work], stages: list[Stage], sink: Sink, on_done: OnDone) -> None:
         ordered = [s for s in stages if s.ordered]
         for item in work:
             if isinstance(item, Replay):

@@ -192,20 +192,33 @@ def cut_config(spec: JobSpec) -> CutConfig:
 
 
 def ytdlp_options(spec: JobSpec) -> Optional[YtdlpOptions]:
-    """The yt-dlp backend's options; None for the plain HTTP backend."""
-    if spec.video.backend != "yt-dlp":
+    """The yt-dlp backend's options; None for the plain HTTP backend. ``auto`` sends every row
+    through yt-dlp when the catalog card's media are on YouTube, else only YouTube ids/URLs."""
+    v, d = spec.video, spec.download
+    if v.backend == "http":
         return None
-    d = spec.download
-    return YtdlpOptions(format=spec.video.ytdlp_format, timeout=d.timeout, max_bytes=d.max_bytes,
-                        retries=d.retries, user_agent=d.user_agent)
+    every_url = v.backend == "yt-dlp" or _card_media(spec) == "youtube"
+    return YtdlpOptions(format=v.ytdlp_format, timeout=d.timeout, max_bytes=d.max_bytes, retries=d.retries,
+                        user_agent=d.user_agent, every_url=every_url, sections=v.ytdlp_sections,
+                        force_keyframes_at_cuts=v.ytdlp_force_keyframes, concurrency=v.ytdlp_concurrency,
+                        rate=v.ytdlp_rate, ratelimit=v.ytdlp_ratelimit, sleep_interval=v.ytdlp_sleep)
+
+
+def _card_media(spec: JobSpec) -> Optional[str]:
+    if not spec.input.catalog:
+        return None
+    from catalogs import load_card
+
+    return load_card(spec.input.catalog).metadata.media
 
 
 def download_stage(spec: JobSpec) -> Stage:
-    cpus = spec.execution.cpus_per_task
+    cpus = spec.execution.task_cpus()
     if spec.download.media == "video":
         return VideoDownloadStage(VideoDownloadConfig(
             fetch=fetch_config(spec.download, "video", spec.video.concurrency), cut=cut_config(spec),
-            tmp_dir=spec.video.tmp_dir, ytdlp=ytdlp_options(spec), cpus=cpus))
+            tmp_dir=spec.video.tmp_dir, ytdlp=ytdlp_options(spec), cpus=cpus, scenes=spec.video.scenes,
+            motion=spec.video.motion, min_motion=spec.video.min_motion))
     return ImageDownloadStage(image_download_config(spec.download, spec.input.hash_col, cpus))
 
 
@@ -220,7 +233,6 @@ def build_stages(spec: JobSpec, check: bool = True) -> list[Stage]:
     filters -> tokenizers, each group in the spec's order. With ``check`` every stage checks, here
     in the driver, that what it needs exists."""
     from filters import build_filters
-    from pipeline.tokenize import build_tokenizers
 
     filters = build_filters(spec.filters, check)
     early = [f for f in filters if f.metadata_only]  # the rows they drop are never fetched
@@ -229,7 +241,12 @@ def build_stages(spec: JobSpec, check: bool = True) -> list[Stage]:
         media = [download_stage(spec)]
         if check:
             media[0].check()
-    return [*early, *media, *(f for f in filters if not f.metadata_only), *build_tokenizers(spec.tokenize, check)]
+    tokenizers: list[Stage] = []
+    if spec.tokenize:  # its package imports PyTorch: a job without tokenizers does not
+        from pipeline.tokenize import build_tokenizers
+
+        tokenizers = build_tokenizers(spec.tokenize, check)
+    return [*early, *media, *(f for f in filters if not f.metadata_only), *tokenizers]
 
 
 def column_types(stages: list[Stage]) -> dict[str, str]:

@@ -15,7 +15,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from pipeline.core import schema
 from pipeline.core.config import ConfigError
@@ -80,11 +80,15 @@ class Job:
             gpus = executor.gpus()  # on Ray: joins the cluster, whose GPUs decide devices set to auto
             for stage in stages:
                 stage.place(gpus)
-        check_start(self.spec)  # before anything is written: a corrected rerun finds nothing in its way
+        self.check()
         sink = build_sink(self.spec, stages)
         sink.directory.create()
         with hold(sink.directory):  # before open(): it sweeps temporaries, which are the holder's
             return self._run(stages, executor, sink, start)
+
+    def check(self) -> None:
+        """Before anything is written: a corrected rerun then finds nothing in its way."""
+        check_start(self.spec)
 
     def _run(self, stages: list[Stage], executor: Executor, sink: WebDatasetSink, start: float) -> JobResult:
         directory, job = sink.directory, manifests.recorded(self.spec.to_dict())
@@ -133,19 +137,7 @@ class Job:
             except STOPPING_ERRORS as e:  # the input is read as the shards run
                 raise JobFailed(f"reading the input: {type(e).__name__}: {e}") from e
 
-        def on_done(outcome: ShardOutcome) -> None:
-            if outcome.skipped:
-                result.shards_skipped += 1
-                progress.skip(outcome.stats)
-            elif outcome.ok:
-                result.shards_written += 1
-                progress.done(outcome.stats)
-            else:
-                result.failed_shards[outcome.shard_id] = outcome.error or "unknown error"
-                log.error("shard %05d failed (it will be retried on the next run): %s", outcome.shard_id,
-                          outcome.error)
-                progress.fail()
-
+        on_done = outcome_counter(result, progress, "it will be retried on the next run")
         try:
             executor.run(counted(input_shards(self.spec)), stages, sink, on_done, verify=self.verify)
         finally:
@@ -154,18 +146,11 @@ class Job:
     @staticmethod
     def _record(sink: WebDatasetSink, index: dict[str, Any], result: JobResult, manifest: dict[str, Any],
                 start: float) -> None:
-        for entry in index["shardlist"]:
-            stats = sink.read_stats(int(entry["url"][:5]))
-            result.status_counts.update(stats["status_counts"])
-            result.error_kinds.update(stats["error_kinds"])
+        manifest["totals"] = totals(sink, index, result)
         result.seconds = time.perf_counter() - start
         manifest.update(
             status="complete" if result.ok and result.shards_total == len(index["shardlist"]) else "incomplete",
-            finished=manifests.now(),
-            totals={"shards": len(index["shardlist"]), "samples": result.samples,
-                    "successes": result.status_counts.get(schema.SUCCESS, 0),
-                    "status_counts": dict(result.status_counts), "error_kinds": dict(result.error_kinds)},
-            failed_shards=sorted(result.failed_shards),
+            finished=manifests.now(), failed_shards=sorted(result.failed_shards),
         )
 
     @staticmethod
@@ -226,6 +211,34 @@ class Job:
                 if models:
                     free_cuda_memory()
         return sample
+
+
+def outcome_counter(result: JobResult, progress: Progress, after_failure: str) -> Callable[[ShardOutcome], None]:
+    """The executor's ``on_done``: each shard counted into ``result`` and the progress bar; a
+    failed one logged with ``after_failure`` (what becomes of it)."""
+    def on_done(outcome: ShardOutcome) -> None:
+        if outcome.skipped:
+            result.shards_skipped += 1
+            progress.skip(outcome.stats)
+        elif outcome.ok:
+            result.shards_written += 1
+            progress.done(outcome.stats)
+        else:
+            result.failed_shards[outcome.shard_id] = outcome.error or "unknown error"
+            log.error("shard %05d failed (%s): %s", outcome.shard_id, after_failure, outcome.error)
+            progress.fail()
+    return on_done
+
+
+def totals(sink: WebDatasetSink, index: dict[str, Any], result: JobResult) -> dict[str, Any]:
+    """The manifest's totals over the shards of ``index``; counts them into ``result`` too."""
+    for entry in index["shardlist"]:
+        stats = sink.read_stats(int(entry["url"][:5]))
+        result.status_counts.update(stats["status_counts"])
+        result.error_kinds.update(stats["error_kinds"])
+    return {"shards": len(index["shardlist"]), "samples": result.samples,
+            "successes": result.status_counts.get(schema.SUCCESS, 0),
+            "status_counts": dict(result.status_counts), "error_kinds": dict(result.error_kinds)}
 
 
 # -- what a run needs before it writes anything ------------------------------------------------------

@@ -9,6 +9,7 @@ an executor.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -21,6 +22,7 @@ from pipeline.fetch.client import DEFAULT_MAX_BYTES_IN_FLIGHT
 from pipeline.fetch.headers import DEFAULT_USER_AGENT
 from pipeline.media.geometry import MAX_PIXELS, RESIZE_MODES
 from pipeline.media.resize import ENCODE_FORMATS
+from pipeline.media.scenes import SceneConfig
 
 ResizeMode = Literal[RESIZE_MODES]
 EncodeFormat = Literal[tuple(ENCODE_FORMATS)]
@@ -124,8 +126,16 @@ X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "me
 @dataclass
 class VideoSpec:
     """The video path (``download.media: video``); network options, caps and opt-outs are download's."""
-    backend: Literal["http", "yt-dlp"] = "http"  # yt-dlp: pages that need an extractor (extra: mmcurate[ytdlp])
+    # auto: yt-dlp for YouTube ids/URLs, row by row (every row when the catalog card's media are on
+    # YouTube), HTTP for the others; yt-dlp: every row (pages that need an extractor; extra: mmcurate[ytdlp])
+    backend: Literal["auto", "http", "yt-dlp"] = "auto"
     ytdlp_format: str = "bv*[ext=mp4]/b[ext=mp4]/bv*/b"  # yt-dlp format selector (video only)
+    ytdlp_sections: bool = True          # spans: fetch only the section covering a video's clips (ffmpeg)
+    ytdlp_force_keyframes: bool = False  # re-encode a section at its cuts rather than copy from a keyframe
+    ytdlp_concurrency: int = 2           # videos in flight through yt-dlp, per task
+    ytdlp_rate: Optional[float] = 1.0    # yt-dlp extractions started per second, per task; null: no cap
+    ytdlp_ratelimit: Optional[int] = None  # bytes per second per yt-dlp download; null: no cap
+    ytdlp_sleep: Optional[float] = None  # seconds yt-dlp sleeps before each download (its sleep_interval)
     resolution: Optional[int] = None     # short side of the clips (made even); null keeps the source size
     fps: Optional[float] = None          # clip frame rate; null keeps the source's
     # exact: within half a frame of the span; keyframe: copied from the keyframe before the span,
@@ -141,8 +151,15 @@ class VideoSpec:
     concurrency: int = 8                 # videos downloading or being cut at once, per task
     decode_threads: int = 1              # decoder threads per clip (clips already run in parallel)
     tmp_dir: Optional[str] = None        # where sources are downloaded; null: the system temp dir
+    # rows without a span cut at their shot boundaries into clips KEY.clip_000.mp4, ... (null: off);
+    # e.g. {detect: content, threshold: 27, min_clip: 2, max_clip: 60}, see pipeline.media.scenes
+    scenes: Optional[SceneConfig] = None
+    motion: bool = False                 # motion_score per clip (mean absolute frame difference, 0..255)
+    min_motion: Optional[float] = None   # clips with a lower motion_score are dropped (filtered: motion)
 
     def validate(self) -> None:
+        if self.min_motion is not None and self.min_motion < 0:
+            raise ConfigError(f"min_motion: must be >= 0, got {self.min_motion}")
         for name in ("resolution", "fps", "max_duration", "num_frames", "frames_fps", "frames_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -151,9 +168,13 @@ class VideoSpec:
             raise ConfigError("num_frames, frames_fps: set one of them, not both")
         if not 0 <= self.crf <= 51:
             raise ConfigError(f"crf: must be in 0..51, got {self.crf}")
-        for name in ("concurrency", "decode_threads"):
+        for name in ("concurrency", "decode_threads", "ytdlp_concurrency"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("ytdlp_rate", "ytdlp_ratelimit", "ytdlp_sleep"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}: must be > 0 (or null: no cap), got {value}")
 
 
 @dataclass
@@ -173,14 +194,21 @@ class ExecutionSpec:
     engine: Engine = "ray"
     address: Optional[str] = None      # null: RAY_ADDRESS's cluster, else a local Ray; "local"; "auto",
                                        # host:port or ray://host:port join a cluster
-    cpus_per_task: int = 1             # CPUs each download task uses for decode/resize
+    cpus_per_task: Optional[int] = None  # CPUs each download task decodes/resizes on; null: all cores (local), 1 (ray)
     max_shards_in_flight: Optional[int] = None  # backpressure window; default 2x the CPU task slots
     shard_retries: int = 1             # times a shard whose task crashed is tried again in this run
     progress: bool = True
 
     def validate(self) -> None:
-        if self.cpus_per_task <= 0:
+        if self.cpus_per_task is not None and self.cpus_per_task <= 0:
             raise ConfigError(f"cpus_per_task: must be > 0, got {self.cpus_per_task}")
+
+    def task_cpus(self) -> int:
+        """CPUs of one download task: the local engine's one process may use every core (worker
+        processes decode and resize); a Ray task asks for one unless told, and Ray runs many."""
+        if self.cpus_per_task is not None:
+            return self.cpus_per_task
+        return (os.cpu_count() or 1) if self.engine == "local" else 1
 
 
 @dataclass
@@ -190,7 +218,7 @@ class JobSpec:
     download: DownloadSpec = field(default_factory=DownloadSpec)
     video: VideoSpec = field(default_factory=VideoSpec)
     filters: list[dict[str, Any]] = field(default_factory=list)   # [{name: {options}}], in order
-    tokenize: dict[str, Any] = field(default_factory=dict)        # {text: {...}, image: {...}}
+    tokenize: dict[str, Any] = field(default_factory=dict)        # {text: {...}, image: {...}, sequence: {...}}
     output: OutputSpec = field(default_factory=OutputSpec)
     execution: ExecutionSpec = field(default_factory=ExecutionSpec)
 
@@ -228,9 +256,12 @@ def load_job(path: str | Path | None = None, overrides: list[str] = (), data: di
 
 
 def _validate_stages(spec: JobSpec) -> None:
-    """Filters and tokenizers validate their own options (no model or file is touched here)."""
+    """Filters and tokenizers validate their own options (no model or file is touched here). The
+    tokenizers' package imports PyTorch (about 800 MB, 2 s): a job without them does not."""
     from filters import build_filters
-    from pipeline.tokenize import build_tokenizers
 
     build_filters(spec.filters)
-    build_tokenizers(spec.tokenize)
+    if spec.tokenize:
+        from pipeline.tokenize import build_tokenizers
+
+        build_tokenizers(spec.tokenize)

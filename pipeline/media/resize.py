@@ -39,10 +39,13 @@ Speed: JPEGs are decoded at 1/2, 1/4 or 1/8 scale in the IDCT (``Image.draft``) 
 is at least that much smaller; the drafted image is always at least the target size, so the
 final area resize still decides the output. Crops are folded into the resize (only the kept
 region is resampled) and EXIF rotation is applied to the small result. All heavy work is in PIL's
-C code, which releases the GIL, so a thread pool with one thread per core scales.
+C code, which releases the GIL; the Python around it does not, so on the local engine with
+more than one CPU the download stage runs :func:`hash_and_resize` in worker processes (a
+module-level function of picklable arguments, light to import: PIL, numpy and media code only).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from typing import Optional
@@ -316,6 +319,12 @@ def resize_image(data: bytes, config: ResizeConfig) -> ResizeResult:
     except Exception as e:  # noqa: BLE001 - any decoder failure is a per-sample status
         _fail(result, ErrorKind.DECODE_ERROR, f"{type(e).__name__}: {e}")
     return result
+
+
+def hash_and_resize(data: bytes, config: ResizeConfig) -> tuple[str, ResizeResult]:
+    """The sha256 of the original bytes (as published hashes are) and :func:`resize_image`, in one
+    call: the unit of work a worker thread or process does per image."""
+    return hashlib.sha256(data).hexdigest(), resize_image(data, config)
 
 
 def _fail(result: ResizeResult, kind: str, message: str) -> None:

@@ -9,6 +9,7 @@ Per base shard, under the same shard id:
   is absent, as in the full layout.
 * ``NNNNN.parquet``: one row per base sample, in the base's order: key, status, error kind and
   message, and the stages' columns.
+* ``NNNNN.columns.arrow`` when those members include ``.npy`` arrays (as in the full layout).
 * ``NNNNN_stats.json`` (the commit marker, last) and ``index.json``, which says ``layout: sidecar``,
   names the base dataset (``base``) and, per shard, its base shard (``base``) and row count (``rows``).
 

@@ -1,6 +1,9 @@
 """The WebDataset output format: per shard ``NNNNN.tar`` (the successful samples), ``NNNNN.parquet``
-(one status row per input row) and ``NNNNN_stats.json`` (counts and timings), and across shards
-``index.json`` (a wids shard index, for exact epochs).
+(one status row per input row), ``NNNNN.columns.arrow`` when the successes have ``.npy`` members
+(the same arrays as columns, for memory-mapped reads: :mod:`pipeline.sinks.columnar`) and
+``NNNNN_stats.json`` (counts and timings), and across shards ``index.json`` (a wids shard index,
+for exact epochs). A complete shard is replaced (``mmcurate retry``) through a journal
+(:mod:`pipeline.sinks.journal`).
 
 Every file is committed whole (:class:`pipeline.sinks.storage.Directory`: a rename on disk, one
 upload on an object store); the stats file is committed last and marks the shard complete, so a
@@ -21,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 import tarfile
 from typing import Any, Iterable, Optional, Union
@@ -31,11 +35,14 @@ import pyarrow.parquet as pq
 
 from pipeline.core import schema
 from pipeline.core.schema import Batch
+from pipeline.sinks import journal
 from pipeline.sinks.base import DamagedShard, Sink
+from pipeline.sinks.columnar import column_file, column_name
 from pipeline.sinks.storage import Directory
 
+log = logging.getLogger("mmcurate")
 INDEX = "index.json"
-SHARD_FILE = re.compile(r"^(\d{5,})(\.tar|\.parquet|_stats\.json)$")
+SHARD_FILE = re.compile(r"^(\d{5,})(\.tar|\.parquet|\.columns\.arrow|_stats\.json)$")
 
 
 def shard_name(shard_id: int) -> str:
@@ -64,6 +71,9 @@ class WebDatasetSink(Sink):
     def open(self) -> int:
         """Also sweeps the files of shards whose write was interrupted before their stats."""
         removed = super().open()
+        finished = journal.finish(self.directory, self._tidy)  # before the sweep: a journal's shard is complete
+        if finished:
+            log.info("finished replacing %d shard(s) that an interrupted retry had begun", finished)
         names = set(self.directory.names("[0-9]*"))
         done = self._complete(names)
         for name in sorted(names):
@@ -84,17 +94,44 @@ class WebDatasetSink(Sink):
                 and f"{m.group(1)}.tar" in names and f"{m.group(1)}.parquet" in names}
 
     def write(self, shard_id: int, batch: Batch, stats: dict[str, Any]) -> dict[str, Any]:
+        files, stats = self.shard_files(shard_id, batch, stats)
+        for file, data in files.items():
+            self.directory.write(file, data)  # the stats file last: the commit
+        return stats
+
+    def replace(self, shard_id: int, files: dict[str, bytes]) -> None:
+        """Replace a complete shard by ``files`` (from ``shard_files``) through a journal
+        (:mod:`pipeline.sinks.journal`): a kill leaves the old shard or the new one."""
+        journal.replace(self.directory, shard_name(shard_id), files, self._tidy)
+
+    def _tidy(self, shard: str) -> None:
+        """Remove the files of ``shard`` that its stats do not list (what a replaced shard no longer has)."""
+        listed = set(self.read_stats(int(shard)).get("files", {})) | {f"{shard}_stats.json", f"{shard}.tar",
+                                                                     f"{shard}.parquet"}
+        for name in self.directory.names(f"{shard}*"):
+            found = SHARD_FILE.match(name)
+            if found and found.group(1) == shard and name not in listed:
+                self.directory.remove(name)
+
+    def shard_files(self, shard_id: int, batch: Batch, stats: dict[str, Any],
+                    members: Optional[list[tuple[str, bytes]]] = None) -> tuple[dict[str, bytes], dict]:
+        """Every file of one shard, name -> bytes, in commit order (the stats file last), and the
+        stats as written. ``members``: the tar's members when not ``self.members(batch)`` (a retry
+        keeps the untouched samples' members as they were)."""
         name = shard_name(shard_id)
         buf = io.BytesIO()
         pq.write_table(self.table(batch), buf)
-        files = {f"{name}.tar": tar_bytes(self.members(batch)), f"{name}.parquet": buf.getvalue()}
-        for file, data in files.items():
-            self.directory.write(file, data)
+        members = self.members(batch) if members is None else members
+        tar = tar_bytes(members)
+        files = {f"{name}.tar": tar, f"{name}.parquet": buf.getvalue()}
+        columns = column_file(members, len(tar))  # the npy members again, for memory-mapped reads
+        if columns is not None:
+            files[column_name(name)] = columns
         stats = {**stats, "tar_bytes": len(files[f"{name}.tar"]),
                  "files": {file: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                            for file, data in files.items()}}
-        self.directory.write(stats_name(shard_id), json.dumps(stats, indent=1).encode())
-        return stats
+        files[stats_name(shard_id)] = json.dumps(stats, indent=1).encode()
+        return files, stats
 
     def members(self, batch: Batch) -> list[tuple[str, bytes]]:
         """The tar's members: each success's files, KEY.txt and KEY.json."""

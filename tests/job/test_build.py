@@ -65,7 +65,7 @@ def test_video_parts_take_the_video_section_and_the_download_caps(tmp_path):
     c = stage.config
     assert (c.fetch.media, c.fetch.concurrency, c.fetch.timeout) == ("video", 3, 3.0)
     assert (c.cut.resolution, c.cut.precision, c.cut.max_pixels, c.cut.num_frames) == (64, "keyframe", 1000, 8)
-    assert (c.tmp_dir, c.ytdlp) == (str(tmp_path), None)
+    assert (c.tmp_dir, c.ytdlp.every_url) == (str(tmp_path), False)  # backend auto: yt-dlp for YouTube rows only
     assert build.cut_config(load_job(data={"input": {"files": ["a"]}, "video": {"frames_fps": 2.0}})).num_frames is None
 
 

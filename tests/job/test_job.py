@@ -128,3 +128,19 @@ def test_a_prepare_sample_pass_runs_copies_of_the_stages_before_it(tmp_path, ser
     batches = list(Job(load_job(job_file(tmp_path, server, rows=12)))._sample_batches([stage])(10))
     assert sum(len(b[schema.KEY]) for b in batches) == 10
     assert stage.seen == []
+
+
+def test_a_job_without_models_never_imports_pytorch(tmp_path, server):
+    """PyTorch costs about 800 MB and 2 s per process: a download-and-filter job does without it."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    job = job_file(tmp_path, server, "no-torch")
+    job.write_text(yaml.safe_dump({**yaml.safe_load(job.read_text()), "filters": [{"caption": {"min_words": 1}}]}))
+    code = ("import sys\nfrom pipeline.job.runner import run_job\nfrom pipeline.job.spec import load_job\n"
+            f"assert run_job(load_job({str(job)!r})).ok\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
