@@ -183,6 +183,7 @@ class Retry(Job):
         progress = Progress(len(todo), enabled=self.show_progress and bool(todo))
 
         on_done = outcome_counter(result, progress, "the retry changed nothing in it")
+
         def work() -> Iterator[Work]:
             if any(s.ordered for s in stages):  # every kept row first: a retried duplicate is the one dropped
                 for shard_id in complete:

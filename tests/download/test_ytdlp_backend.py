@@ -197,7 +197,7 @@ def test_shipped_youtube_jobs_send_every_row_through_ytdlp(name):
 @pytest.fixture
 def needs_ffmpeg(ffmpeg_on_path):
     if ffmpeg_location() is None:
-        pytest.skip("section downloads need ffmpeg (on PATH, or imageio-ffmpeg installed)")
+        pytest.skip("section downloads need ffmpeg (on PATH, or imageio-ffmpeg)")  # reason: optional binary
 
 
 @pytest.mark.usefixtures("needs_ffmpeg")
@@ -286,7 +286,7 @@ def test_no_more_than_ytdlp_concurrency_videos_in_flight(youtube, server, tmp_pa
     batch = stage.process(make_batch([(video_id, 0.0, 1.0) for video_id in ids]))
     assert batch["status"] == [schema.SUCCESS] * 6, batch["error_message"]
     assert sorted(youtube.extracted) == ids
-    assert 1 <= server.most_in_flight <= 2
+    assert server.most_in_flight in (1, 2)
 
 
 def test_token_bucket_spaces_acquisitions_at_the_rate():
