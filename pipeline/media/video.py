@@ -392,6 +392,10 @@ class _Resampler:
         self.done = False
         self._held = None  # the source frame currently on screen, and its time
         self._held_time = 0.0
+        # One scaler for the clip: frame.reformat() would build a new one for every frame.
+        from av.video.reformatter import VideoReformatter
+
+        self._scaler = VideoReformatter()
 
     def _next_time(self) -> float:
         return self.first_time + self.count * self.step
@@ -427,8 +431,8 @@ class _Resampler:
             return
         from av.video.frame import PictureType
 
-        frame = self._held.reformat(width=self.width, height=self.height, format="yuv420p",
-                                    interpolation="BICUBIC")
+        frame = self._scaler.reformat(self._held, width=self.width, height=self.height, format="yuv420p",
+                                      interpolation="BICUBIC")
         frame.pts = self.count
         frame.time_base = self.time_base  # the muxer may change the stream's time base: not that one
         frame.pict_type = PictureType.NONE  # else x264 copies the source's frame types
