@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from helpers.videos import decoded
+from helpers.videos import decoded, make_batch
 from pipeline.core import schema
 from pipeline.core.config import ConfigError
 from pipeline.job.build import download_stage
@@ -35,16 +35,6 @@ def job_spec(tmp_path: Path, video: dict | None = None, **download):
             "download": {"media": "video", "allow_private_addresses": True, "timeout": 5, **download},
             "video": video or {}, "execution": {"cpus_per_task": 2}}
     return load_job(data=data)
-
-
-def make_batch(rows: list[tuple]) -> dict[str, list]:
-    """rows: (url, clip_start, clip_end)."""
-    n = len(rows)
-    return {"key": [f"{i:09d}" for i in range(n)], "url": [r[0] for r in rows],
-            "caption": [f"clip {i}" for i in range(n)], "status": [schema.PENDING] * n,
-            "error_kind": [None] * n, "error_message": [None] * n, "width": [None] * n, "height": [None] * n,
-            "original_width": [None] * n, "original_height": [None] * n, "sha256": [None] * n,
-            "files": [{} for _ in range(n)], "clip_start": [r[1] for r in rows], "clip_end": [r[2] for r in rows]}
 
 
 # -- the stage over HTTP -------------------------------------------------------------------------

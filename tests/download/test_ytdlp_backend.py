@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from helpers.videos import decoded
+from helpers.videos import decoded, make_batch
 from pipeline.core import schema
 from pipeline.core.config import ConfigError
 from pipeline.download.ytdlp import (TokenBucket, YtdlpOptions, download, failure_kind, ffmpeg_location,
@@ -130,16 +130,6 @@ def job_spec(tmp_path: Path, video: dict | None = None, catalog: str | None = No
             "download": {"media": "video", "allow_private_addresses": True, "timeout": 10, **download},
             "video": {"ytdlp_rate": None, **(video or {})}, "execution": {"cpus_per_task": 2}}
     return load_job(data=data)
-
-
-def make_batch(rows: list[tuple]) -> dict[str, list]:
-    """rows: (url, clip_start, clip_end)."""
-    n = len(rows)
-    return {"key": [f"{i:09d}" for i in range(n)], "url": [r[0] for r in rows],
-            "caption": [f"clip {i}" for i in range(n)], "status": [schema.PENDING] * n,
-            "error_kind": [None] * n, "error_message": [None] * n, "width": [None] * n, "height": [None] * n,
-            "original_width": [None] * n, "original_height": [None] * n, "sha256": [None] * n,
-            "files": [{} for _ in range(n)], "clip_start": [r[1] for r in rows], "clip_end": [r[2] for r in rows]}
 
 
 def counters(batch, i: int) -> list[int]:

@@ -10,7 +10,18 @@ from pathlib import Path
 
 import av
 
+from pipeline.core import schema
 from pipeline.testing.video_synth import read_counter, write_counter_video
+
+
+def make_batch(rows: list[tuple]) -> dict[str, list]:
+    """A video stage's input batch; rows: (url, clip_start, clip_end)."""
+    n = len(rows)
+    return {"key": [f"{i:09d}" for i in range(n)], "url": [r[0] for r in rows],
+            "caption": [f"clip {i}" for i in range(n)], "status": [schema.PENDING] * n,
+            "error_kind": [None] * n, "error_message": [None] * n, "width": [None] * n, "height": [None] * n,
+            "original_width": [None] * n, "original_height": [None] * n, "sha256": [None] * n,
+            "files": [{} for _ in range(n)], "clip_start": [r[1] for r in rows], "clip_end": [r[2] for r in rows]}
 
 
 def write_videos(d: Path) -> dict[str, Path]:
