@@ -49,6 +49,8 @@ class Filter(Stage):
     # A rule on input columns only (published scores, sizes, language): it runs before the
     # download, so the rows it drops are never fetched.
     metadata_only: ClassVar[bool] = False
+    # On documents a filter judges each image against its nearest text unless it reads text only.
+    document_view: ClassVar[Optional[str]] = "image"
 
     @property
     def input_columns(self) -> tuple[str, ...]:

@@ -38,6 +38,7 @@ class CaptionConfig:
 
 class CaptionFilter(Filter):
     name = "caption"
+    document_view = "document"  # on documents: their whole text
     Config = CaptionConfig
 
     def __init__(self, config: CaptionConfig) -> None:

@@ -61,6 +61,7 @@ class LanguageConfig:
 
 class LanguageFilter(Filter):
     name = "language"
+    document_view = "document"  # on documents: their whole text
     Config = LanguageConfig
 
     @property

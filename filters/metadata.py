@@ -75,6 +75,7 @@ class MetadataFilter(Filter):
     name = "metadata"
     Config = MetadataConfig
     metadata_only = True
+    document_view = None  # a rule on the document row itself, before any image is fetched
 
     def __init__(self, config: MetadataConfig) -> None:
         super().__init__(config)

@@ -43,6 +43,8 @@ CLIP_START = "clip_start"
 CLIP_END = "clip_end"
 DOC_ID = "doc_id"
 POSITION = "position"
+# An interleaved document's segments and per-image outcomes (a dict; :mod:`pipeline.core.document`).
+DOCUMENT = "document"
 # Set by the download stage: how many times the job tried the row (1 on the first run, one more per
 # ``mmcurate retry``; a fetch's own retries within one try are not counted) and, for a row a retry
 # tried again, when (UTC, ISO 8601). Null in a plain run, so that two runs give the same bytes.
@@ -150,6 +152,9 @@ class ErrorKind(str, enum.Enum):
     BAD_ASPECT_RATIO = "bad_aspect_ratio", FAILED_TO_DECODE, "aspect ratio above max_aspect_ratio"
     TOO_LONG = "too_long", FAILED_TO_DECODE, "the video is longer than the duration cap"
     CUT_ERROR = "cut_error", FAILED_TO_DECODE, "the clip could not be cut or encoded"
+    # documents
+    TOO_FEW_IMAGES = ("too_few_images", FAILED_TO_DOWNLOAD,
+                      "the document has fewer usable images than min_images (or one failed, with all_images)")
     # later stages
     STAGE_ERROR = "stage_error", FAILED_TO_PROCESS, "a processing stage raised on this sample"
 
@@ -167,15 +172,16 @@ def error_kind(name: str) -> ErrorKind:
 def mark(batch: Batch, i: int, kind: str, message: str = "") -> None:
     """Record that row ``i`` failed with ``kind`` (an ErrorKind or its name); drops its files."""
     kind = error_kind(kind)
-    _end_row(batch, i, kind.status, kind.value, message or kind.meaning)
+    end_row(batch, i, kind.status, kind.value, message or kind.meaning)
 
 
 def reject(batch: Batch, i: int, filter_name: str, message: str) -> None:
     """Record that the filter ``filter_name`` rejected row ``i``; drops its files."""
-    _end_row(batch, i, FILTERED, filter_name, message or filter_name)
+    end_row(batch, i, FILTERED, filter_name, message or filter_name)
 
 
-def _end_row(batch: Batch, i: int, status: str, kind: str, message: str) -> None:
+def end_row(batch: Batch, i: int, status: str, kind: str, message: str) -> None:
+    """Row ``i`` ends with ``status`` and ``kind`` (a failure or rejection already decided); drops its files."""
     batch[STATUS][i] = status
     batch[ERROR_KIND][i] = kind
     batch[ERROR_MESSAGE][i] = message[:500]

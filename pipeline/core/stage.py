@@ -29,6 +29,10 @@ and declares:
     ordered          True when it must see every shard once, in shard order (job-wide dedup)
     stateful         True when setup() is heavy (a model): run in long-lived workers
     may_use_gpus     True when it may run on a GPU (then it is placed; other jobs never ask)
+    document_view    on interleaved documents, what one of its rows is: "image" (each image, with
+                     its nearest text as caption), "text" (each text segment), "document" (the
+                     whole text as caption), or None (it reads document rows as they are);
+                     :class:`pipeline.core.document.SegmentStage` runs it so
     worker_state     attributes that setup() makes in each worker; never pickled
 """
 from __future__ import annotations
@@ -69,6 +73,7 @@ class Stage:
     stateful: ClassVar[bool] = False
     may_use_gpus: ClassVar[bool] = False
     worker_state: ClassVar[tuple[str, ...]] = ()
+    document_view: ClassVar[Optional[str]] = None
 
     def __init__(self, config: Any = None) -> None:
         self.config = config
