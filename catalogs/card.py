@@ -20,12 +20,14 @@ Modality = Literal["image-text", "video-text", "interleaved"]
 State = Literal["available", "gated", "withdrawn"]
 Media = Literal["urls", "youtube", "hosted"]
 FileFormat = Literal["parquet", "csv", "tsv", "jsonl", "txt", "json", "tar", "other"]
-Layout = Literal["table", "explode"]
+Layout = Literal["table", "explode", "document"]
+DocumentOrder = Literal["positions", "matched"]
 
 # Normalised column names a reader may emit, with what they mean. Published scores keep the
 # dataset's scale; the card says which model produced them in ``reader.notes``.
 COLUMNS: dict[str, str] = {
-    "url": "media URL (a YouTube id becomes a watch URL through reader.url_template)",
+    "url": "media URL (a YouTube id becomes a watch URL through reader.url_template); "
+           "in the document layout, the document's page URL",
     "caption": "text paired with the sample",
     "clip_start": "clip start in seconds",
     "clip_end": "clip end in seconds",
@@ -163,6 +165,55 @@ class Metadata:
         return self.urls[0] if self.urls else None
 
 
+# Fields of an image segment a card may not map: the contract's, the download's and the matched order's.
+RESERVED_SEGMENT_FIELDS = ("type", "text", "text_index", "status", "error_kind", "error_message", "width", "height",
+                           "original_width", "original_height", "sha256", "member", "source_index")
+
+
+@dataclass
+class DocumentReader:
+    """How one source row becomes one interleaved document (``reader.layout: document``).
+
+    ``order: positions`` (OBELICS, OmniCorpus): ``texts`` and ``images`` are parallel lists with one
+    non-null entry per position, read in list order. ``order: matched`` (MMC4): ``texts`` is the
+    sentence list and each entry of ``images`` names its sentence through ``match``; an image is
+    placed right before its sentence (images of one sentence keep their order) and its segment's
+    ``text_index`` points at that sentence. ``image`` maps segment fields to source paths in which
+    ``@index`` is the image's index in ``images`` (it must map ``url``); ``columns`` are the
+    document row's own columns (``url`` is the page); ``keep`` lists source columns copied, as read
+    (parsed), into the document dict as its metadata.
+    """
+    texts: str
+    images: str
+    image: dict[str, str]
+    order: DocumentOrder = "positions"
+    match: Optional[str] = None
+    columns: dict[str, str] = field(default_factory=dict)
+    keep: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if "url" not in self.image:
+            raise ConfigError("image: a document reader must map the image segment's 'url'")
+        reserved = sorted(set(self.image) & set(RESERVED_SEGMENT_FIELDS))
+        if reserved:
+            raise ConfigError(f"image: {reserved} are set by the pipeline, not by a reader")
+        unknown = sorted(set(self.columns) - set(COLUMNS))
+        if unknown:
+            raise ConfigError(f"columns: unknown normalised name(s) {unknown}; known: {', '.join(COLUMNS)}")
+        if self.order == "matched" and not self.match:
+            raise ConfigError("match: order 'matched' needs the path of each image's sentence index")
+        if self.order == "positions" and self.match:
+            raise ConfigError(f"match: only order 'matched' places images by sentence, got order {self.order!r}")
+        paths = [("texts", self.texts), ("images", self.images), *((f"image.{k}", p) for k, p in self.image.items()),
+                 *((f"columns.{k}", p) for k, p in self.columns.items()),
+                 *((f"keep[{i}]", p) for i, p in enumerate(self.keep)), *([("match", self.match)] if self.match else [])]
+        for name, path in paths:
+            try:
+                compile_path(path)
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}") from None
+
+
 @dataclass
 class Reader:
     """How rows of the published files become samples.
@@ -170,21 +221,41 @@ class Reader:
     ``columns`` maps a normalised name (see :data:`COLUMNS`) to a source *path*: ``col``,
     ``col.key`` (into a mapping), ``col[other.path]`` (index a list by another value) or ``@index``
     (the element's position in the exploded list). ``layout: explode`` turns one source row into one
-    sample per element of the ``explode`` lists, taken in parallel.
+    sample per element of the ``explode`` lists, taken in parallel. ``layout: document`` reads one
+    document per row through ``document`` (:class:`DocumentReader`); such a card may keep an
+    ``explode`` pair layout (``columns`` + ``explode``) for jobs that want image-text pairs.
     """
-    columns: dict[str, str]
+    columns: dict[str, str] = field(default_factory=dict)  # the pair layout (empty: documents only)
     layout: Layout = "table"
     explode: list[str] = field(default_factory=list)   # list columns exploded in parallel
     parse: list[str] = field(default_factory=list)     # string columns holding JSON / Python literals
     skip_null: Optional[str] = None          # explode: drop elements whose path is null (text slots)
     url_template: Optional[str] = None       # e.g. "https://www.youtube.com/watch?v={}" for bare ids
+    # Optional[DocumentReader]; typed Any for the same reason as Card.reader (errors keep their path)
+    document: Any = None
     notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.document is not None and not isinstance(self.document, DocumentReader):
+            self.document = from_dict(DocumentReader, self.document, "reader.document")
+
+    @property
+    def pair_layout(self) -> Optional[str]:
+        """The layout that gives one image-text sample per row: the card's own, or (a document
+        card) ``explode`` when it has lists to explode; None when it has none."""
+        if self.layout != "document":
+            return self.layout
+        return "explode" if self.explode else None
 
     def validate(self) -> None:
         unknown = sorted(set(self.columns) - set(COLUMNS))
         if unknown:
             raise ConfigError(f"columns: unknown normalised name(s) {unknown}; known: {', '.join(COLUMNS)}")
-        if "url" not in self.columns:
+        if self.layout == "document" and self.document is None:
+            raise ConfigError("document: layout 'document' needs a document section (texts, images, image)")
+        if self.document is not None and self.layout != "document":
+            raise ConfigError(f"layout: a document section is read with layout 'document', got {self.layout!r}")
+        if "url" not in self.columns and self.pair_layout is not None:
             raise ConfigError("columns: a reader must map 'url'")
         if "clip_span" in self.columns and ({"clip_start", "clip_end"} & set(self.columns)):
             raise ConfigError("columns: use clip_span or clip_start/clip_end, not both")
@@ -198,7 +269,7 @@ class Reader:
             raise ConfigError("explode: layout 'explode' needs the list columns to explode")
         if self.layout == "table" and (self.explode or self.skip_null):
             raise ConfigError("explode: only layout 'explode' explodes lists")
-        if "@index" in self.columns.values() and self.layout != "explode":
+        if "@index" in self.columns.values() and self.pair_layout != "explode":
             raise ConfigError("columns: @index only exists with layout 'explode'")
         if self.url_template is not None and "{}" not in self.url_template:
             raise ConfigError(f"url_template: needs a {{}} placeholder, got {self.url_template!r}")
@@ -345,4 +416,5 @@ def _known_fact(fact: str) -> bool:
 
 _FIELD_TYPES = {("Card", "size"): Size, ("Card", "paper"): Paper, ("Card", "license"): License,
                 ("Card", "download"): DownloadFacts,
-                ("Card", "status"): Status, ("Card", "metadata"): Metadata, ("Card", "reader"): Reader}
+                ("Card", "status"): Status, ("Card", "metadata"): Metadata, ("Card", "reader"): Reader,
+                ("Reader", "document"): DocumentReader}

@@ -180,8 +180,17 @@ def render_show(card: Card) -> str:
         lines.append(f"  {'access':<14} " + _note(card.metadata.access).lstrip())
     lines.append("")
     if card.reader:
-        how = f"one row per element of {', '.join(card.reader.explode)}" if card.reader.explode else "one row per source row"
-        lines.append(f"Column map (layout {card.reader.layout}: {how})")
+        doc = card.reader.document if card.reader.layout == "document" else None
+        pairs = f"one row per element of {', '.join(card.reader.explode)}" if card.reader.explode else "one row per source row"
+        if doc:
+            lines.append(f"Column map (layout document: one row per document, images in {doc.order} order)")
+            for name, path in [("texts", doc.texts), ("images", doc.images),
+                               *((f"image {n}", p) for n, p in doc.image.items()), *doc.columns.items()]:
+                lines.append(f"  {name:<20} <- {path}")
+            if card.reader.columns:
+                lines.append(f"As image-text pairs (download.media: image; {pairs})")
+        else:
+            lines.append(f"Column map (layout {card.reader.layout}: {pairs})")
         for name, path in card.reader.columns.items():
             lines.append(f"  {name:<20} <- {path:<34} {COLUMNS[name]}")
         if card.reader.url_template:

@@ -8,7 +8,10 @@ The card's ``reader`` section says how:
   WebVid CSV, InternVid JSONL). Columns are renamed without touching each value, except time
   columns (ISO-8601 durations, ``HH:MM:SS.mmm``) and ids expanded through ``url_template``.
 * ``layout: explode`` -- one source row holds lists, taken in parallel, one sample per element
-  (Panda-70M timestamp/caption lists, HD-VILA clip lists, OBELICS and MMC4 documents).
+  (Panda-70M timestamp/caption lists, HD-VILA clip lists; OBELICS and MMC4 as image-text pairs).
+* ``layout: document`` -- one source row is one interleaved document (OBELICS, MMC4, OmniCorpus):
+  the column ``document`` (:mod:`catalogs.documents`), ``url`` the page, plus the card's
+  ``document.columns``. It is such a card's default; ``documents=False`` reads its pair layout.
 
 Rows are parsed, never validated: a value that cannot be parsed is passed on as it is, and a row
 whose lists cannot be exploded becomes one row carrying ``INVALID`` (the shard planner records it
@@ -26,15 +29,18 @@ from pipeline.core.config import ConfigError
 from pipeline.sources.formats import FORMATS, INVALID, iter_records, undecodable_to_bytes
 
 from .card import TIME_COLUMNS, Card, Reader
+from .documents import DocumentPlan
 from .locate import resolve_files
 from .rowpath import Path, compile_path
 from .timeparse import to_seconds
 
 
-def read_rows(card: Card, files: list[str], input_spec: Any = None,
-              batch_rows: int = 8192) -> Iterator[dict[str, list]]:
-    """Stream normalised column chunks of ``files`` read with ``card``'s layout and column map."""
-    plan = ReadPlan(card, input_spec)
+def read_rows(card: Card, files: list[str], input_spec: Any = None, batch_rows: int = 8192,
+              documents: Optional[bool] = None) -> Iterator[dict[str, list]]:
+    """Stream normalised column chunks of ``files`` read with ``card``'s layout and column map:
+    one row per document (``documents=True``), per image-text sample (False), or as the card
+    says (None: its ``reader.layout``)."""
+    plan = ReadPlan(card, input_spec, documents)
     fmt = getattr(input_spec, "format", None) or card.metadata.format
     if fmt not in FORMATS:
         raise ConfigError(f"input.catalog: {card.name} is published as {card.metadata.format!r}, "
@@ -52,23 +58,40 @@ def read_rows(card: Card, files: list[str], input_spec: Any = None,
                 yield out
 
 
+def reader_layout(card: Card, documents: Optional[bool] = None) -> str:
+    """The layout a read of ``card`` uses (see :func:`read_rows`); a ConfigError when it has none."""
+    if card.reader is None:
+        raise ConfigError(
+            f"input.catalog: the column layout of {card.name} is not confirmed, so it has no reader; "
+            "list the files under input.files with url_col / caption_col instead")
+    if documents is None:
+        return card.reader.layout
+    if documents:
+        if card.reader.document is None:
+            raise ConfigError(f"download.media: 'document' reads one document per row, and the {card.name} "
+                              "card has no document reader (its samples are not interleaved documents)")
+        return "document"
+    if card.reader.pair_layout is None:
+        raise ConfigError(f"input.catalog: the {card.name} card reads documents only; "
+                          "set download.media: document")
+    return card.reader.pair_layout
+
+
 class ReadPlan:
     """A card's reader compiled once: which source columns to read and how to map them."""
 
-    def __init__(self, card: Card, input_spec: Any = None):
-        if card.reader is None:
-            raise ConfigError(
-                f"input.catalog: the column layout of {card.name} is not confirmed, so it has no reader; "
-                "list the files under input.files with url_col / caption_col instead")
+    def __init__(self, card: Card, input_spec: Any = None, documents: Optional[bool] = None):
+        self.layout = reader_layout(card, documents)
         self.card = card
         self.reader: Reader = card.reader
-        columns = dict(self.reader.columns)
+        self.document = DocumentPlan(self.reader.document) if self.layout == "document" else None
+        columns = dict(self.reader.columns) if self.layout != "document" else {}
         # The job's url_col / caption_col override the card when they differ from the defaults.
         url_col = getattr(input_spec, "url_col", "url")
         caption_col = getattr(input_spec, "caption_col", "caption")
-        if url_col and url_col != "url":
+        if url_col and url_col != "url" and self.document is None:
             columns["url"] = url_col
-        if caption_col and caption_col != "caption":
+        if caption_col and caption_col != "caption" and self.document is None:
             columns["caption"] = caption_col
         self.columns = {name: compile_path(p) for name, p in columns.items()}
         extras = list(getattr(input_spec, "save_additional_columns", []) or [])
@@ -76,15 +99,17 @@ class ReadPlan:
         self.explode = [compile_path(p) for p in self.reader.explode]
         self.skip_null: Optional[Path] = compile_path(self.reader.skip_null) if self.reader.skip_null else None
         self.parse = list(self.reader.parse)
+        if self.document is not None:
+            self.explode, self.skip_null = [], None
         used = [*self.columns.values(), *self.extras.values(), *self.explode,
-                *([self.skip_null] if self.skip_null else [])]
+                *([self.skip_null] if self.skip_null else []), *(self.document.paths() if self.document else [])]
         self.source_columns = {c for p in used for c in p.columns()} - {"@index"}
 
     def check_columns(self, chunk: dict[str, list], path: str) -> None:
         """The URL column and the lists to explode must exist; a wrong file fails loudly, not row by row."""
-        if set(chunk) <= {INVALID}:
+        if chunk and set(chunk) <= {INVALID}:  # rows that did not parse say nothing of the columns
             return
-        needed = [self.columns["url"], *self.explode]
+        needed = self.document.required() if self.document else [self.columns["url"], *self.explode]
         missing = [p.text for p in needed if not (p.columns() - {"@index"}) & set(chunk)]
         if missing:
             raise ConfigError(f"input.files: {path} has no column {', '.join(map(repr, missing))} that the "
@@ -92,9 +117,31 @@ class ReadPlan:
 
     # -- chunk level -------------------------------------------------------------------------------
     def apply(self, chunk: dict[str, list]) -> dict[str, list]:
-        if self.reader.layout == "table" and not self.parse:
+        if self.document is not None:
+            return self._documents(chunk)
+        if self.layout == "table" and not self.parse:
             return self._table(chunk)
         return self._rows(chunk)
+
+    def _documents(self, chunk: dict[str, list]) -> dict[str, list]:
+        """One row per source row: its document, the document's columns and the extra columns."""
+        names = [schema.URL, *[n for n in self.document.columns if n != schema.URL], *self.extras]
+        out: dict[str, list] = {n: [] for n in [*names, schema.DOCUMENT, INVALID]}
+        for row in _row_dicts(chunk, _length(chunk)):
+            document, problem = None, None
+            for element, problem in self._elements(row):  # parse only: layout document is not exploded
+                row = element
+            if not problem:
+                document, problem = self.document.build(row)
+            values = {} if problem else {**self.document.row_columns(row),
+                                         **{n: undecodable_to_bytes(p.resolve(row)) for n, p in self.extras.items()}}
+            for n in names:
+                out[n].append(values.get(n))
+            out[schema.DOCUMENT].append(document)
+            out[INVALID].append(problem)
+        if not any(out[INVALID]):
+            del out[INVALID]
+        return out
 
     def _names(self) -> list[str]:
         names = [n for n in self.columns if n != "clip_span"]
@@ -170,7 +217,7 @@ class ReadPlan:
                     yield row, f"column {col!r} is not a JSON or Python literal: {_short(value)}"
                     return
                 row[col] = parsed
-        if self.reader.layout == "table":
+        if self.layout in ("table", "document"):
             yield row, None
             return
         lists = []

@@ -16,6 +16,8 @@ VIDEO_DOWNLOAD = {"media": "video", "timeout": 60, "retries": 1, "max_bytes": 30
 # YouTube throttles aggressively (HTTP 429, bot checks): few requests per host.
 YOUTUBE_DOWNLOAD = {"media": "video", "timeout": 120, "retries": 2, "max_bytes": 500_000_000, "concurrency": 16,
                     "per_host_limit": 4}
+# A document is kept with at least one of its images; its failed images stay as slots with a status.
+DOCUMENTS = {"min_images": 1, "all_images": False}
 # Few videos in flight and few extractions a second through yt-dlp, as the shipped jobs do.
 YOUTUBE_VIDEO = {"backend": "auto", "ytdlp_concurrency": 2, "ytdlp_rate": 0.5}
 
@@ -28,6 +30,8 @@ def default_input(card: Card) -> str:
 
 
 def download_settings(card: Card) -> dict[str, Any]:
+    if documents(card):
+        return {"media": "document", **IMAGE_DOWNLOAD}
     if card.modality == "video-text":
         return dict(YOUTUBE_DOWNLOAD if card.metadata.media == "youtube" else VIDEO_DOWNLOAD)
     return dict(IMAGE_DOWNLOAD)
@@ -36,17 +40,25 @@ def download_settings(card: Card) -> dict[str, Any]:
 def job_spec(card: Card, files: Optional[list[str]] = None, out_dir: Optional[str] = None) -> dict[str, Any]:
     """A job spec (plain dict, as in YAML) that reads ``card`` through its catalog reader."""
     video = card.modality == "video-text"
+    several = video or documents(card)  # a sample holds clips or several images: smaller shards
     spec = {
         "name": card.name,
         "input": {"catalog": card.name, "files": list(files) if files else [default_input(card)]},
         "download": download_settings(card),
         "filters": [],
-        "output": {"dir": out_dir or f"out/{card.name}", "samples_per_shard": 1000 if video else 10000},
+        "output": {"dir": out_dir or f"out/{card.name}", "samples_per_shard": 1000 if several else 10000},
         "execution": {"engine": "ray"},
     }
     if video and card.metadata.media == "youtube":
         spec["video"] = dict(YOUTUBE_VIDEO)
+    if documents(card):
+        spec["documents"] = dict(DOCUMENTS)
     return spec
+
+
+def documents(card: Card) -> bool:
+    """Whether the card's reader gives one interleaved document per row."""
+    return card.reader is not None and card.reader.layout == "document"
 
 
 def job_file(card: Card) -> Optional[Path]:

@@ -13,10 +13,18 @@
       - watermark: {preset: laion, checkpoint: watermark_model_v1.pt, max: 0.5}
       - language: {languages: [en]}
       - metadata: {column: clip_l14_similarity_score, top_fraction: 0.3}  # published columns, before download
+      - image_count: {min: 1, max: null}     # interleaved documents: their kept images
 
 One module per filter; each is a :class:`filters.base.Filter` registered in ``FILTERS`` below. A
 sample it rejects gets status ``filtered`` with the filter's name as its error kind (``metadata``:
 ``metadata:<column>``). ``metadata`` rules run before the download (``Filter.metadata_only``).
+
+On interleaved documents each filter runs over its ``document_view`` (``core/document.py``): per
+image (size, aspect ratio, CLIP score against the image's nearest text, dedup, the CLIP heads,
+watermark; their scores land in the image's segment), per document (caption: the whole text's
+words and characters; language: the whole text), or on the document row (``image_count``, a
+documents-only filter). A document whose images a filter drops below ``min_images`` is filtered
+by that filter.
 
 Filters that read CLIP image embeddings (``Filter.clip_embedding()``: aesthetic, nsfw, ...) share
 one image pass per CLIP: the job's clip_score stage of that CLIP, which must come before them, or
@@ -24,7 +32,7 @@ one added (image tower only) just before the first of them.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from pipeline.core.config import ConfigError
 
@@ -36,6 +44,7 @@ from .clip_score import ClipScoreFilter
 from .dedup_exact import ExactDedupFilter
 from .dedup_near import NearDedupFilter
 from .dedup_semantic import SemanticDedupFilter
+from .image_count import ImageCountFilter
 from .image_size import ImageSizeFilter
 from .language import LanguageFilter
 from .metadata import MetadataFilter
@@ -43,10 +52,12 @@ from .watermark import WatermarkFilter
 
 FILTERS: dict[str, type[Filter]] = {cls.name: cls for cls in (
     ImageSizeFilter, AspectRatioFilter, CaptionFilter, ExactDedupFilter, NearDedupFilter, ClipScoreFilter,
-    AestheticFilter, NsfwFilter, SemanticDedupFilter, WatermarkFilter, LanguageFilter, MetadataFilter)}
+    AestheticFilter, NsfwFilter, SemanticDedupFilter, WatermarkFilter, LanguageFilter, MetadataFilter,
+    ImageCountFilter)}
 
 
-def build_filters(entries: list[dict[str, Any]], check: bool = False) -> list[Filter]:
+def build_filters(entries: list[dict[str, Any]], check: bool = False,
+                  documents: Optional[bool] = None) -> list[Filter]:
     """Filter stages for the job's ``filters:`` entries (one-key mappings ``{name: options}``).
 
     Options are always validated, without touching models or files; errors name the entry
@@ -54,6 +65,8 @@ def build_filters(entries: list[dict[str, Any]], check: bool = False) -> list[Fi
     driver does this before any shard): what it needs at run time (model configs, checkpoints)
     must exist, so a job fails before downloading anything. A filter that reads CLIP embeddings
     gets a clip_score stage of its CLIP before it (the job's own, or an added image-only one).
+    ``documents=False`` (the job's rows are pairs) refuses the filters that count documents only
+    (``Filter.documents_only``); None does not know.
     """
     stages: list[Filter] = []
     labels: list[str] = []  # how errors name each stage: its entry (an added CLIP stage: its reader's)
@@ -65,6 +78,9 @@ def build_filters(entries: list[dict[str, Any]], check: bool = False) -> list[Fi
         if cls is None:
             raise ConfigError(f"filters[{n}]: unknown filter {name!r} (known: {', '.join(sorted(FILTERS))})")
         stage = cls(cls.parse(raw, f"filters[{n}].{name}"))
+        if documents is False and stage.documents_only:
+            raise ConfigError(f"filters[{n}].{name}: applies to interleaved documents only, and this job's rows "
+                              "are image-caption pairs (a document job sets download.media: document)")
         _check_order(stages, stage, n)
         if _share_clip(stages, stage, n):
             labels.append(f"filters[{n}].{name}: its CLIP: ")

@@ -13,6 +13,12 @@ A filter that reads CLIP image embeddings (aesthetic, nsfw, semantic dedup) over
 ``clip_embedding()`` to return the ``(model, pretrained)`` it needs; ``filters.build_filters`` then
 makes one ``clip_score`` stage of that CLIP, before it, put them in the batch under
 ``filters.clip_score.IMAGE_EMBEDDING`` (one image pass per sample, however many filters read it).
+
+On interleaved documents a filter runs unchanged through ``core/document.SegmentStage`` over its
+``document_view``: "image" (the default: one row per live image, its nearest text as caption; a
+rejection fails that image and may drop the document under ``min_images``, as filtered by this
+filter), "document" (the whole text as caption) or None (the document row as it is;
+``documents_only`` filters such as ``image_count`` are refused in a job of pairs).
 """
 from __future__ import annotations
 
@@ -51,6 +57,8 @@ class Filter(Stage):
     metadata_only: ClassVar[bool] = False
     # On documents a filter judges each image against its nearest text unless it reads text only.
     document_view: ClassVar[Optional[str]] = "image"
+    # A rule on documents only (image_count): build_filters refuses it in a job without documents.
+    documents_only: ClassVar[bool] = False
 
     @property
     def input_columns(self) -> tuple[str, ...]:

@@ -1,5 +1,7 @@
 """``caption``: simple text rules on the caption. The defaults are DataComp's basic text rule
-(more than 2 words and more than 5 characters); regexes are matched case-insensitively."""
+(more than 2 words and more than 5 characters); regexes are matched case-insensitively.
+On interleaved documents (``document_view`` "document") the rules judge the whole text: the text
+segments joined (``core/document.full_text``), so ``min_words`` / ``max_chars`` bound a document."""
 from __future__ import annotations
 
 import re

@@ -24,6 +24,15 @@ The layouts that load (keys of the state dict; layer widths are read from the we
   Linear 256, ReLU, Linear 1, sigmoid. The score is the probability of NSFW (0..1). The published
   Keras SavedModel zips themselves do not load here (that would need TensorFlow): use the port.
 
+On a video row the embedding is its clip's mean frame embedding (``filters.frames``, normalised
+again). A row cut into scenes (members ``clip_NNN.mp4``) is judged clip by clip, as clip_score
+judges it: the head scores each clip clip_score kept (``CLIP_EMBEDDINGS``), ``aesthetic_scores`` /
+``nsfw_scores`` hold those scores in member order, the clips that break the rules are dropped
+(``frames.keep_clips``: renumbered, the row summed up again) and the row is filtered only when none
+is left. The row's ``aesthetic_score`` / ``nsfw_score`` is then its worst kept clip's (the lowest
+aesthetic score, the highest NSFW probability: every clip written passes), or, for a filtered row,
+its best clip's. ``top_fraction`` counts clips. A row of one clip (a span) keeps one score.
+
 Rules, one convention: ``min`` / ``max`` on the score, and ``top_fraction``: keep the best fraction
 of the job (the highest aesthetic scores, the lowest NSFW probabilities), the threshold being the
 quantile of the first ``sample_size`` rows' scores, computed once by ``prepare`` and stored in
@@ -38,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.core import schema
 from pipeline.core.config import ConfigError
@@ -47,6 +57,7 @@ from pipeline.core.stage import JobContext
 from .base import Filter, score_problem
 from .clip_model import absolute_if_path, embedding_width, file_digest
 from .clip_score import IMAGE_EMBEDDING, clip_id
+from .frames import CLIP_EMBEDDINGS, judge_clips, per_clip_scores
 
 HUB = "hf-hub:"
 
@@ -113,6 +124,7 @@ class HeadFilter(Filter):
     stateful = True                      # the head is loaded once per worker
     worker_state = ("_head",)
     column: ClassVar[str]
+    scores_column: ClassVar[str]         # a scene row's score per clip (frames.per_clip_scores)
     higher_is_better: ClassVar[bool]     # what top_fraction keeps
     keys: ClassVar[frozenset[str]]       # the state dict's keys in this head's layout
 
@@ -126,7 +138,7 @@ class HeadFilter(Filter):
 
     @property
     def columns(self) -> dict[str, str]:
-        return {self.column: "double"}
+        return {self.column: "double", self.scores_column: pa.list_(pa.float64())}
 
     def clip_embedding(self) -> tuple[str, Optional[str]]:
         return clip_id(self.config.model, self.config.pretrained)
@@ -191,22 +203,36 @@ class HeadFilter(Filter):
             raw = (self._head if head is None else head)(torch.from_numpy(np.stack(embeddings).astype(np.float64)))
             return [float(v) for v in self.output(raw).numpy()]
 
-    def _scored(self, batch: Batch, head=None) -> tuple[list[int], list[float]]:
-        """Alive rows with an embedding, and their scores."""
+    def _scored(self, batch: Batch, head=None) -> list[tuple[int, list[float], bool]]:
+        """Alive rows with an embedding: (row, its scores, cut into scenes): a scene row's one per
+        clip, any other row's one; every embedding through the head in one call."""
         if IMAGE_EMBEDDING not in batch:
             raise RuntimeError(f"{self.name}: the batch has no {IMAGE_EMBEDDING!r} column: build_filters puts a "
                                "clip_score stage before this filter")
         column = batch[IMAGE_EMBEDDING]
-        rows = [i for i in schema.alive(batch) if column[i] is not None]
-        return rows, (self.scores([column[i] for i in rows], head) if rows else [])
+        per_clip = batch.get(CLIP_EMBEDDINGS) or [None] * schema.batch_len(batch)
+        rows = [(i, per_clip[i] is not None) for i in schema.alive(batch) if column[i] is not None]
+        groups = [per_clip[i] if scenes else [column[i]] for i, scenes in rows]
+        flat = self.scores([v for group in groups for v in group], head) if rows else []
+        out, start = [], 0
+        for (i, scenes), group in zip(rows, groups):
+            out.append((i, flat[start:start + len(group)], scenes))
+            start += len(group)
+        return out
 
     def process(self, batch: Batch) -> Batch:
         if self.config.top_fraction is not None and self.threshold is None:
             raise RuntimeError(f"{self.name}: top_fraction needs its threshold: the job runs prepare() or "
                                "restore() before any shard")
         self.setup()
-        rows, scores = self._scored(batch)
-        self.record_scores(batch, self.column, rows, scores, self.problem_with)
+        scored = self._scored(batch)
+        single = [(i, scores[0]) for i, scores, scenes in scored if not scenes]
+        self.record_scores(batch, self.column, [i for i, _ in single], [s for _, s in single], self.problem_with)
+        for i, scores, scenes in scored:
+            if scenes:  # clip by clip, as clip_score judges them (module docstring)
+                _, why = judge_clips(batch, i, self.scores_column, scores, self.problem_with)
+                if why:
+                    self.reject(batch, i, why)
         return batch
 
     def problem_with(self, score: float) -> Optional[str]:
@@ -220,8 +246,8 @@ class HeadFilter(Filter):
         if fraction is None:
             return None
         head, scores = self._load(), []
-        for batch in context.sample_batches(self.config.sample_size):
-            scores.extend(self._scored(batch, head)[1])
+        for batch in context.sample_batches(self.config.sample_size):  # a scene row's clips count one by one
+            scores.extend(s for _, row, _ in self._scored(batch, head) for s in row)
         if not scores:
             raise RuntimeError(f"{self.name}: none of the first {self.config.sample_size} rows reached the filter "
                                "with an image embedding, so the top_fraction threshold cannot be estimated")
@@ -248,6 +274,7 @@ def _linear_keys(*names: str) -> frozenset[str]:
 class AestheticFilter(HeadFilter):
     name = "aesthetic"
     column = "aesthetic_score"
+    scores_column = per_clip_scores("aesthetic_scores", column, higher_is_better=True)
     higher_is_better = True
     LINEARS = (0, 2, 4, 6, 7)  # the nn.Sequential's Linear positions; Dropouts between the first four
     keys = _linear_keys(*(f"layers.{i}" for i in LINEARS))
@@ -291,6 +318,7 @@ class NsfwFilter(HeadFilter):
     name = "nsfw"
     Config = NsfwConfig
     column = "nsfw_score"
+    scores_column = per_clip_scores("nsfw_scores", column, higher_is_better=False)
     higher_is_better = False
     keys = frozenset({"norm.mean", "norm.variance"}) | _linear_keys("linear_1", "linear_2", "linear_3", "linear_4")
 

@@ -15,6 +15,9 @@ Two decoders produce the model's input:
   rejects (unusual chroma subsampling, arithmetic coding, 12-bit), go through PIL. It implements
   open_clip's ``shortest`` resize mode only: ``decode: auto`` picks it on CUDA for such models.
 
+An item may also be a decoded RGB frame (a uint8 ``(H, W, 3)`` array: the frames of a video clip,
+:mod:`filters.frames`): it skips the opening and goes to the same transform on either path.
+
 Without captions (``score(images, None, embeddings=True)``) only the image tower runs: the image
 embeddings other filters read. Captions go through the model's own open_clip tokenizer, which is pure Python (about 14k
 captions/s on one thread, holding the GIL the model thread needs to launch its kernels): on CUDA
@@ -29,7 +32,7 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
@@ -88,7 +91,9 @@ class PilDecoder:
         self.max_pixels = max_pixels
         self.pin = clip.device.type == "cuda"  # page-locked memory: the copy to the GPU is asynchronous
 
-    def one(self, data: bytes) -> torch.Tensor:
+    def one(self, data: Union[bytes, np.ndarray]) -> torch.Tensor:
+        if isinstance(data, np.ndarray):  # a decoded video frame (RGB, uint8)
+            return self.preprocess(Image.fromarray(data, "RGB"))
         with open_image(data, self.max_pixels) as im:
             if self.draft:
                 im.draft("RGB", (self.size, self.size))  # keeps both sides >= size; no-op unless JPEG
@@ -132,6 +137,8 @@ class TorchDecoder:
         """The positions of the JPEGs, after the whitelist and the pixel cap (header only)."""
         jpegs = []
         for k, data in enumerate(images):
+            if isinstance(data, np.ndarray):  # a decoded video frame: nothing to open
+                continue
             try:
                 with open_image(data, self.max_pixels) as im:
                     if im.format in _JPEG_FORMATS:
@@ -164,7 +171,7 @@ class TorchDecoder:
         for k, d in enumerate(images):
             if out[k] is None and k not in errors:
                 try:
-                    arr = np.asarray(_rgb(d, self.max_pixels))
+                    arr = d if isinstance(d, np.ndarray) else np.asarray(_rgb(d, self.max_pixels))
                     out[k] = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(self.device)
                 except Exception as e:  # noqa: BLE001
                     errors[k] = problem(e)

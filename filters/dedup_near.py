@@ -25,10 +25,10 @@ from pipeline.media.image_open import ImageRejected
 from pipeline.media.npy import read_npy
 
 from .base import Filter, alive_with_image
+from .frames import EMBEDDING_FILE
 from .perceptual import BITS, HASHES, HammingIndex
 
 GROUP = "near_group"
-EMBEDDING_FILE = "clip.npy"
 
 
 @dataclass

@@ -15,6 +15,9 @@ keeps English captions as fastText's lid.176 model labels them; LAION's English 
 (LAION-2B-en) used Google's CLD3 (a small network over character n-grams). All three agree on
 ordinary sentences and all are unreliable on captions of one or two words; the scores are not on
 one scale, so a ``min_score`` tuned for fastText does not carry over.
+
+On interleaved documents (``document_view`` "document") the detector reads the whole text (the
+text segments joined) and the columns are the document row's.
 """
 from __future__ import annotations
 

@@ -101,6 +101,8 @@ def render(summary: dict[str, Any]) -> str:
             files = ", ".join(f"{e} ({s} B)" for e, s in ex.get("files", {}).items())
             meta = ex.get("json", {})
             size = f"{meta.get('width')}x{meta.get('height')}" if meta.get("width") else ""
+            if meta.get("images_total") is not None:  # a document: its kept images of its image slots
+                size = f"{meta.get('images_kept')}/{meta['images_total']} images"
             lines.append(f"  {ex['key']}  {size:<9} {files}")
             lines.append(f"      {ex.get('caption', '')[:100]!r}  <- {str(meta.get('url', ''))[:80]}")
     return "\n".join(lines)

@@ -4,7 +4,10 @@ Totals, statuses, error kinds, rejections per filter, time per stage, and histog
 matplotlib and embedded as PNG: every score (those the job's filters computed and the published
 ones kept from the input, found by :mod:`pipeline.cli.report_scores`, with the thresholds drawn
 and written under each), original size, aspect ratio and caption length, each split into
-samples written and samples dropped. It reads the per-shard sidecars (``NNNNN_stats.json``,
+samples written and samples dropped. A video output adds the clip duration, per clip (a row cut
+into scenes counts each clip of its ``scenes``; any other row its ``duration``, else ``clip_end -
+clip_start``), and its per-clip match scores (``clip_scores``) next to the rows' ``clip_score``;
+clips a filter dropped from a row it kept are no longer in the status table, so they are not drawn. It reads the per-shard sidecars (``NNNNN_stats.json``,
 ``NNNNN.parquet``) and ``manifest.json`` one shard at a time, in two passes (the scores' ranges,
 then fixed-bin histograms over them), so memory does not grow with the job. OUTPUT_DIR is a local
 path or an fsspec URL (``s3://``, ``gs://``, ``memory://`` ...), read through
@@ -110,7 +113,52 @@ def _histograms() -> dict[str, Histogram]:
         "size": Histogram("Original size", "longer side (pixels)", np.geomspace(1, 65536, 97), log_x=True),
         "aspect": Histogram("Aspect ratio", "width / height", np.geomspace(1 / 16, 16, 97), log_x=True),
         "caption": Histogram("Caption length", "words", np.arange(0, 102, 2)),
+        # video outputs only (left out of the page elsewhere): 0.1 s to 1 h
+        DURATION: Histogram("Clip duration", "seconds", np.geomspace(0.1, 3600, 97), log_x=True,
+                            note="per clip: each scene of a row cut into scenes"),
     }
+
+
+DURATION, SCENES = "duration", "scenes"  # the video stage's columns
+VIDEO_ONLY = (DURATION,)  # histograms an output without videos leaves out
+
+
+def _per_row(table: pa.Table, values: Optional[np.ndarray]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    return None if values is None else (values, np.arange(table.num_rows))
+
+
+def _list_column(table: pa.Table, name: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """A list-of-numbers column flattened: its values and the row each belongs to."""
+    if name not in table.column_names:
+        return None
+    column = table.column(name).combine_chunks()
+    if not pa.types.is_list(column.type) or not (pa.types.is_floating(column.type.value_type)
+                                                 or pa.types.is_integer(column.type.value_type)):
+        return None
+    values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float64)
+    return values, pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+
+
+def _clip_durations(table: pa.Table) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """Seconds per clip and the row of each: a scene row's clips from ``scenes``, other rows'
+    ``duration`` (else ``clip_end - clip_start``); None for an output without clips."""
+    per_row = _column(table, DURATION)
+    start, end = _column(table, schema.CLIP_START), _column(table, schema.CLIP_END)
+    if per_row is None and start is not None and end is not None:
+        per_row = end - start
+    if per_row is None:
+        per_row = np.full(table.num_rows, np.nan)
+    rows = np.arange(table.num_rows)
+    column = table.column(SCENES).combine_chunks() if SCENES in table.column_names else None
+    if column is None or not pa.types.is_list(column.type) or not pa.types.is_struct(column.type.value_type) \
+            or {"start", "end"} - {f.name for f in column.type.value_type}:
+        return None if np.isnan(per_row).all() else (per_row, rows)
+    clips = pc.list_flatten(column)
+    parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+    seconds = (pc.struct_field(clips, "end").to_numpy(zero_copy_only=False).astype(np.float64)
+               - pc.struct_field(clips, "start").to_numpy(zero_copy_only=False).astype(np.float64))
+    plain = np.setdiff1d(rows, parents)  # rows with one clip (a span, or no scene cut)
+    return np.concatenate([per_row[plain], seconds]), np.concatenate([plain, parents])
 
 
 def _column(table: pa.Table, name: str) -> Optional[np.ndarray]:
@@ -178,17 +226,24 @@ def summarize(output_dir: str | Path | Directory, storage_options: Optional[dict
         kept = pc.fill_null(pc.equal(table.column(schema.STATUS), schema.SUCCESS), False).to_numpy(
             zero_copy_only=False)
         width, height = _column(table, schema.ORIGINAL_WIDTH), _column(table, schema.ORIGINAL_HEIGHT)
-        for key, values in (*((s, _column(table, s)) for s in drawn), ("caption", _words(table)),
-                            ("size", None if width is None else np.fmax(width, height)),
-                            ("aspect", None if width is None else width / height)):
+        score_values = ((s, _list_column(table, s) if s in scores.scores and scores.scores[s].per_clip
+                         else _per_row(table, _column(table, s))) for s in drawn)
+        for key, values in (*score_values, ("caption", _per_row(table, _words(table))),
+                            ("size", _per_row(table, None if width is None else np.fmax(width, height))),
+                            ("aspect", _per_row(table, None if width is None else width / height)),
+                            (DURATION, _clip_durations(table))):
             if values is not None:
-                h[key].add(values, kept)
+                h[key].add(values[0], kept[values[1]])
+    for key in VIDEO_ONLY:
+        if not h[key].total:
+            del h[key]
     return summary
 
 
 def _status_table(directory: Directory, name: str, scores: list[str]) -> pa.Table:
     """The columns of one status table the report draws (those it has)."""
-    wanted = [schema.STATUS, schema.CAPTION, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, *scores]
+    wanted = [schema.STATUS, schema.CAPTION, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, DURATION,
+              schema.CLIP_START, schema.CLIP_END, SCENES, *scores]
     return _read(directory, name, wanted)
 
 
@@ -207,15 +262,16 @@ def _score_histograms(directory: Directory, tables: list[str],
     hi: dict[str, float] = {}
     for name in tables if plan.scores else ():
         table = _read(directory, name, list(plan.scores))
-        for column in plan.scores:
-            values = _column(table, column)
+        for column, score in plan.scores.items():
+            flat = _list_column(table, column) if score.per_clip else None
+            values = flat[0] if flat is not None else None if score.per_clip else _column(table, column)
             values = values[np.isfinite(values)] if values is not None else values
             if values is not None and len(values):
                 lo[column] = min(lo.get(column, np.inf), values.min())
                 hi[column] = max(hi.get(column, -np.inf), values.max())
     out = {}
     for column, score in plan.scores.items():
-        if column not in lo and not score.computed:
+        if column not in lo and (not score.computed or score.per_clip):  # per clip: video outputs only
             continue
         marks = [x for x, _ in score.marks]
         edges = _edges(min([lo.get(column, np.inf), *marks]), max([hi.get(column, -np.inf), *marks]))

@@ -1,6 +1,8 @@
 """Which score columns ``mmcurate report`` draws, what each is, and the thresholds drawn on them.
 
-* **Computed scores**: the ``double`` columns of the job's filters. The filters are rebuilt from
+* **Computed scores**: the ``double`` columns of the job's filters, and their lists of doubles:
+  one score per clip of a video row cut into scenes (clip_score's ``clip_scores``), drawn per
+  clip with the thresholds of the filter's score and only when the output has such values. The filters are rebuilt from
   manifest.json's ``job.filters`` with :func:`filters.build_filters` (options parsed, no model or
   file touched), so a new filter is drawn without a change here. A filter's thresholds apply to
   its score, its first ``double`` column: ``min`` / ``max`` (or ``threshold``, ``min_score`` ...)
@@ -20,6 +22,8 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
+
+import pyarrow as pa
 
 from pipeline.core import schema
 from pipeline.core.config import ConfigError
@@ -43,6 +47,7 @@ class Score:
     note: str                                   # where it comes from, shown under the histogram
     computed: bool                              # by one of the job's filters, else kept from the input
     marks: list[Mark] = field(default_factory=list)
+    per_clip: bool = False                      # a list per row (one value per clip), drawn value by value
 
 
 @dataclass
@@ -56,10 +61,17 @@ def plan(manifest: dict[str, Any]) -> Plan:
     result = Plan()
     job = manifest.get("job") if isinstance(manifest.get("job"), dict) else {}
     stages = _filters(job.get("filters") or [], result.notes)
+    per_clip: dict[str, str] = {}  # list column -> the score column whose thresholds it shares
     for key, stage in stages:
         for column, arrow_type in stage.columns.items():
-            if arrow_type == "double" and column not in result.scores:
+            if column in result.scores:
+                continue
+            if _is_double(arrow_type):
                 result.scores[column] = Score(column, f"computed by the {key} filter", True)
+            elif _is_double_list(arrow_type) and _score_column(stage):
+                result.scores[column] = Score(column, f"computed by the {key} filter, one value per clip",
+                                              True, per_clip=True)
+                per_clip[column] = _score_column(stage)
     for column, why in _published(job.get("input"), result.notes):
         if column not in result.scores:
             result.scores[column] = Score(column, why, False)
@@ -67,7 +79,18 @@ def plan(manifest: dict[str, Any]) -> Plan:
         for column, mark in source(manifest, stages):
             if column in result.scores:
                 result.scores[column].marks.append(mark)
+    for column, score_column in per_clip.items():  # each clip is judged by the row score's rules
+        result.scores[column].marks = list(result.scores[score_column].marks)
     return result
+
+
+def _is_double(arrow_type: Any) -> bool:
+    return arrow_type == "double" if isinstance(arrow_type, str) else arrow_type == pa.float64()
+
+
+def _is_double_list(arrow_type: Any) -> bool:
+    return isinstance(arrow_type, pa.DataType) and pa.types.is_list(arrow_type) and \
+        pa.types.is_floating(arrow_type.value_type)
 
 
 # -- the job's filters --------------------------------------------------------------------------
@@ -101,7 +124,7 @@ def _filters(entries: Any, notes: list[str]) -> list[tuple[str, Any]]:
 
 def _score_column(stage: Any) -> Optional[str]:
     """The column a filter's thresholds apply to: its first ``double`` column."""
-    return next((c for c, t in stage.columns.items() if t == "double"), None)
+    return next((c for c, t in stage.columns.items() if _is_double(t)), None)
 
 
 def _number(value: Any) -> Optional[float]:

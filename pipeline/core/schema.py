@@ -32,12 +32,16 @@ FILES = "files"  # per row: {extension: bytes}; never written to the status tabl
 # Per row the L2-normalised float32 CLIP image embedding (or None), put there by clip_score for the
 # filters after it (filters.clip_score.IMAGE_EMBEDDING).
 CLIP_IMAGE_EMBEDDING = "clip_image_embedding"
+# Per row cut into scenes the list of its kept clips' embeddings (each the normalised mean of its
+# frames'), in the order of its clip_NNN members (None for other rows), beside the row's one above:
+# the heads score such a row clip by clip (filters.frames keeps it in step when clips are dropped).
+CLIP_IMAGE_EMBEDDINGS = "clip_image_embeddings"
 # Per row the member extensions read from input shards (``input.shards``): the sidecar layout
 # writes every member but these.
 INPUT_MEMBERS = "input_members"
 # Columns that travel between stages (and between workers) but are never written: not to the
 # status table, KEY.json nor the tar.
-TRANSIENT_COLUMNS = frozenset({CLIP_IMAGE_EMBEDDING, INPUT_MEMBERS})
+TRANSIENT_COLUMNS = frozenset({CLIP_IMAGE_EMBEDDING, CLIP_IMAGE_EMBEDDINGS, INPUT_MEMBERS})
 # Optional input columns that readers normalise to (clip spans in seconds, interleaved documents).
 CLIP_START = "clip_start"
 CLIP_END = "clip_end"

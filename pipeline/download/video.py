@@ -11,7 +11,10 @@ Each successful row gets ``files["mp4"]`` (H.264 MP4), optionally ``files["frame
 (T, H, W, 3)), and scalar columns for the parquet table and KEY.json: the span the clip really
 covers (``clip_start``/``clip_end``; failed rows keep the requested span), ``duration``, ``fps``,
 ``width``/``height``, ``codec``, ``frame_count``, ``cut`` (remux or reencode), ``source_url`` (after
-redirects), ``source_duration``/``source_fps``/``source_codec`` and ``original_width``/``original_height``.
+redirects), ``source_duration``/``source_fps``/``source_codec`` and ``original_width``/``original_height``
+(sizes as displayed: a source's rotation metadata applied), and the clip's audio track
+``audio_codec``/``audio_rate``/``audio_channels`` (None when it has none: the source had none, or
+``video.audio`` is off; :mod:`pipeline.media.audio`).
 ``sha256`` is the hash of the clip's MP4 bytes. Failures end as per-row statuses (see
 :mod:`pipeline.core.schema`); the output bytes depend only on the input, so resumed shards are identical.
 
@@ -19,7 +22,7 @@ With ``scenes`` a row without a span is cut at its shot boundaries into several 
 ``clip_000.mp4``, ... of its one sample (the rule and why: :mod:`pipeline.media.scenes`); its
 columns then describe them together: ``clip_start`` of the first, ``clip_end`` of the last,
 ``duration`` and ``frame_count`` summed, ``sha256`` of their MP4 bytes one after the other, the
-size, fps and codec of the first, and ``scenes`` one entry per clip. A video whose scenes are all
+size, fps, codec and audio of the first, and ``scenes`` one entry per clip. A video whose scenes are all
 shorter than ``min_clip`` is filtered (error kind ``scenes``). With ``motion`` every clip gets
 ``motion_score`` (a scene row: its least moving clip's); with ``min_motion`` a clip below it is
 dropped, and a row left without a clip is filtered (error kind ``motion``).
@@ -45,7 +48,7 @@ from pipeline.core.stage import ThreadPoolStage
 from pipeline.download.ytdlp import Gate, Section, YtdlpOptions, covering_section, require_ytdlp, youtube_url
 from pipeline.fetch import FetchConfig, Fetcher, FetchResult, ForbiddenAddress, normal_host
 from pipeline.media.npy import npy_bytes
-from pipeline.media.scenes import SceneConfig, detect_cuts, motion_score, scene_spans
+from pipeline.media.scenes import SceneConfig, detect_cuts, motion_score, scene_summary, scene_spans
 from pipeline.media.video import Clip, CutConfig, MediaError, SourceInfo, Span, probe_file, try_cut_clip
 
 TMP_PREFIX = "mmcurate-video-"  # + pid: lets a later run delete what a killed one left
@@ -53,7 +56,8 @@ TMP_PREFIX = "mmcurate-video-"  # + pid: lets a later run delete what a killed o
 # every shard has them.
 VIDEO_COLUMNS = {schema.CLIP_START: "double", schema.CLIP_END: "double", "duration": "double", "fps": "double",
                  "frame_count": "int32", "codec": "string", "cut": "string", "source_url": "string",
-                 "source_duration": "double", "source_fps": "double", "source_codec": "string"}
+                 "source_duration": "double", "source_fps": "double", "source_codec": "string",
+                 "audio_codec": "string", "audio_rate": "int32", "audio_channels": "int32"}
 MOTION_COLUMNS = {"motion_score": "double"}
 SCENE_TYPE = pa.list_(pa.struct([("start", pa.float64()), ("end", pa.float64()), ("frame_count", pa.int32()),
                                  ("motion_score", pa.float64())]))
@@ -277,7 +281,9 @@ def record(batch: Batch, i: int, got: FetchResult, info: Optional[SourceInfo],
     batch[schema.WIDTH][i], batch[schema.HEIGHT][i] = result.width, result.height
     values = {"clip_start": round(result.start, 6), "clip_end": round(result.end, 6),
               "duration": round(result.duration, 6), "fps": round(result.fps, 6),
-              "frame_count": result.frame_count, "codec": result.codec, "cut": result.method}
+              "frame_count": result.frame_count, "codec": result.codec, "cut": result.method,
+              "audio_codec": result.audio_codec, "audio_rate": result.audio_rate,
+              "audio_channels": result.audio_channels}
     for column, value in values.items():
         batch[column][i] = value
     batch[schema.STATUS][i] = schema.SUCCESS
@@ -287,7 +293,7 @@ def record_source(batch: Batch, i: int, got: FetchResult, info: Optional[SourceI
     """Where row ``i``'s video came from and what it is."""
     batch["source_url"][i] = got.final_url or batch[schema.URL][i]
     if info is not None:
-        batch[schema.ORIGINAL_WIDTH][i], batch[schema.ORIGINAL_HEIGHT][i] = info.width, info.height
+        batch[schema.ORIGINAL_WIDTH][i], batch[schema.ORIGINAL_HEIGHT][i] = info.display_size
         batch["source_duration"][i] = None if info.duration is None else round(info.duration, 6)
         batch["source_fps"][i] = round(float(info.fps), 6)
         batch["source_codec"][i] = info.codec
@@ -299,22 +305,16 @@ def record_scene_clips(batch: Batch, i: int, got: FetchResult, info: SourceInfo,
     files = batch[schema.FILES][i]
     files.pop("mp4", None)
     files.pop("frames.npy", None)
-    digest = hashlib.sha256()
     for n, clip in enumerate(clips):
         files[f"clip_{n:03d}.mp4"] = clip.data
         if clip.frames is not None:
             files[f"clip_{n:03d}.frames.npy"] = npy_bytes(clip.frames)
-        digest.update(clip.data)
-    batch[schema.SHA256][i] = digest.hexdigest()
-    batch[schema.CLIP_END][i] = round(clips[-1].end, 6)
-    batch["duration"][i] = round(sum(c.duration for c in clips), 6)
-    batch["frame_count"][i] = sum(c.frame_count for c in clips)
     batch["cut"][i] = "+".join(sorted({c.method for c in clips}))
     batch["scenes"][i] = [{"start": round(c.start, 6), "end": round(c.end, 6), "frame_count": c.frame_count,
                            "motion_score": c.motion} for c in clips]
-    if "motion_score" in batch:
-        scores = [c.motion for c in clips if c.motion is not None]
-        batch["motion_score"][i] = min(scores) if scores else None
+    for column, value in scene_summary(batch["scenes"][i], [c.data for c in clips]).items():
+        if column in batch:
+            batch[column][i] = value
 
 
 async def _vet_host(fetcher: Fetcher, url: str) -> Optional[FetchResult]:

@@ -3,7 +3,10 @@
 Which rows: ``video.backend: yt-dlp`` sends every row through yt-dlp; ``auto`` (the default) sends
 the YouTube ones (:func:`youtube_url`: a watch, Shorts or youtu.be URL, or a bare 11-character id,
 which becomes a watch URL) and fetches the others over HTTP, decided per row. ``job/build.py``
-makes ``auto`` mean every row when the job's catalog card says its media are on YouTube.
+makes ``auto`` mean every row when the job's catalog card says its media are on YouTube. A plain
+URL list of a video job with either yt-dlp backend may hold bare ids: :func:`bare_ids` tells the
+input check (``sources/shards.py``) to let them through, where any other job refuses a bare word
+(``bad_scheme``).
 
 yt-dlp is an extra (``pip install 'mmcurate[ytdlp]'``); a job that needs it for every row fails
 before any shard runs when it is missing, with a message that says what to install. A download
@@ -62,6 +65,18 @@ def youtube_url(value: str) -> Optional[str]:
     return value if parts.scheme in ("http", "https") and host in YOUTUBE_HOSTS else None
 
 
+def is_youtube_id(value: str) -> bool:
+    """Whether ``value`` is a bare YouTube video id (11 characters of ``[A-Za-z0-9_-]``)."""
+    return YOUTUBE_ID.fullmatch(value.strip()) is not None
+
+
+def bare_ids(media: str, options: Optional[YtdlpOptions]) -> Optional[Callable[[str], bool]]:
+    """What a plain URL list of this job may hold besides http(s) URLs: bare YouTube ids on a video
+    job whose backend is yt-dlp (``auto`` or ``yt-dlp``), which sends them to their watch page;
+    None for any other job (an image job, or ``video.backend: http``), which refuses a bare word."""
+    return is_youtube_id if media == "video" and options is not None else None
+
+
 def require_ytdlp() -> None:
     """Raise a ConfigError naming the extra when yt-dlp cannot be imported."""
     try:
@@ -90,6 +105,16 @@ class YtdlpOptions:
     def handles(self, url: str) -> bool:
         """Whether ``url`` goes through yt-dlp (else over HTTP)."""
         return self.every_url or youtube_url(url) is not None
+
+
+def format_selector(audio: bool) -> str:
+    """The default format: the best mp4 video (one file, no merge) and, when the clips keep their
+    audio and ffmpeg is there to merge, the best m4a audio with it (YouTube serves its good video
+    formats without sound)."""
+    video_only = "bv*[ext=mp4]/b[ext=mp4]/bv*/b"
+    if audio and ffmpeg_location() is not None:
+        return "bv*[ext=mp4]+ba[ext=m4a]/b[ext=mp4]/bv*+ba/b"
+    return video_only
 
 
 # -- caps ----------------------------------------------------------------------------------------
@@ -220,6 +245,7 @@ def _params(options: YtdlpOptions, dest_dir: Path, logger: _Quiet, started: floa
         "extractor_retries": 0, "max_filesize": options.max_bytes, "cachedir": False, "logger": logger,
         "http_headers": {"User-Agent": options.user_agent}, "progress_hooks": [_cap_hook(options, started)],
         "overwrites": True, "updatetime": False,
+        "merge_output_format": "mp4",  # a video and an audio format merged (format_selector) stay MP4
     }
     if options.ratelimit:
         params["ratelimit"] = options.ratelimit

@@ -7,14 +7,17 @@ error here, never a silent fall-back to a default somewhere else).
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Iterator, Optional
 
 from pipeline.core import schema
 from pipeline.core.config import ConfigError
+from pipeline.core.document import DocumentRule, for_documents
 from pipeline.core.stage import Stage
+from pipeline.download.document import DocumentCountStage, DocumentDownloadConfig, DocumentDownloadStage
 from pipeline.download.image import ImageDownloadConfig, ImageDownloadStage
 from pipeline.download.video import VideoDownloadConfig, VideoDownloadStage
-from pipeline.download.ytdlp import YtdlpOptions
+from pipeline.download.ytdlp import YtdlpOptions, bare_ids, format_selector
 from pipeline.executors import EXECUTORS, Executor
 from pipeline.fetch import FetchConfig
 from pipeline.job.spec import DownloadSpec, JobSpec
@@ -65,11 +68,54 @@ def input_chunks(spec: JobSpec) -> Iterator[dict[str, list]]:
     if spec.input.shards:
         return _shard_columns(spec)
     if not spec.input.catalog:
+        if spec.download.media == "document":
+            return _document_chunks(spec)
         return table_chunks(input_files(spec), reader_input(spec))
     from catalogs import load_card
     from catalogs.readers import read_rows
 
-    return read_rows(load_card(spec.input.catalog), input_files(spec), reader_input(spec))
+    return read_rows(load_card(spec.input.catalog), input_files(spec), reader_input(spec),
+                     documents=spec.download.media == "document")
+
+
+def _document_chunks(spec: JobSpec) -> Iterator[dict[str, list]]:
+    """Plain files of documents (jsonl/parquet rows in the form of pipeline.core.document): the
+    ``document`` column (an object, or its JSON text), the page URL from ``input.url_col`` when the
+    file has one, and the extra columns; a file without ``document`` is a ConfigError naming it."""
+    from pipeline.sources.formats import INVALID, iter_records
+
+    inp = reader_input(spec)
+    wanted = list(dict.fromkeys([schema.DOCUMENT, inp.url_col, *inp.save_additional_columns]))
+    for path in input_files(spec):
+        for chunk in iter_records(path, inp.format, columns=wanted, storage_options=inp.storage_options):
+            _has_document(path, chunk)
+            n = len(next(iter(chunk.values())))
+            out = {schema.URL: chunk.get(inp.url_col, [None] * n), schema.CAPTION: [None] * n}
+            for col in inp.save_additional_columns:
+                out[col] = chunk.get(col, [None] * n)
+            out[schema.DOCUMENT] = [_parsed(v) for v in chunk.get(schema.DOCUMENT, [None] * n)]
+            if INVALID in chunk:
+                out[INVALID] = chunk[INVALID]
+            yield out
+
+
+def _parsed(value):
+    """A document given as JSON text (a parquet string column) as its object; anything else as it is
+    (the shard planner judges it)."""
+    if isinstance(value, (str, bytes)):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _has_document(path: str, chunk: dict[str, list]) -> None:
+    from pipeline.sources.formats import INVALID
+
+    if schema.DOCUMENT not in chunk and set(chunk) != {INVALID}:
+        raise ConfigError(f"download.media: 'document' reads the column 'document' of each row; {path} has none "
+                          f"(columns: {', '.join(c for c in chunk if c != INVALID)})")
 
 
 def input_columns(spec: JobSpec, names: list[str]) -> Iterator[dict[str, list]]:
@@ -108,10 +154,22 @@ def _plain_columns(spec: JobSpec, names: list[str]) -> Iterator[dict[str, list]]
 
 def check_input_columns(spec: JobSpec) -> None:
     """Every plain input file has the columns the metadata filters read (its first row is read:
-    a parquet footer, a header line), so a wrong column fails before the job writes anything."""
+    a parquet footer, a header line), so a wrong column fails before the job writes anything; a
+    document job's files have the column ``document``."""
     from filters import build_filters
     from pipeline.sources.formats import iter_records
 
+    if spec.input.catalog:  # a document job reads a card's documents, any other job its pairs
+        from catalogs import load_card
+        from catalogs.readers import reader_layout
+
+        reader_layout(load_card(spec.input.catalog), documents=spec.download.media == "document")
+    elif spec.download.media == "document":
+        for path in input_files(spec):
+            for chunk in iter_records(path, spec.input.format, columns=[schema.DOCUMENT], batch_rows=1,
+                                      storage_options=spec.input.storage_options):
+                _has_document(path, chunk)
+                break
     names = list(dict.fromkeys(c for f in build_filters(spec.filters) if f.metadata_only for c in f.input_columns))
     if not names or spec.input.catalog or spec.input.shards:
         return
@@ -148,7 +206,8 @@ def input_shards(spec: JobSpec) -> Iterator[InputShard]:
 
         return plan_shard_input(input_files(spec), spec.output.samples_per_shard, spec.output.layout,
                                 spec.input.limit, spec.input.storage_options)
-    return plan_shards(input_chunks(spec), spec.output.samples_per_shard, spec.input.limit)
+    return plan_shards(input_chunks(spec), spec.output.samples_per_shard, spec.input.limit,
+                       bare_ids(spec.download.media, ytdlp_options(spec)))
 
 
 def input_rows(spec: JobSpec) -> Optional[int]:
@@ -188,7 +247,8 @@ def cut_config(spec: JobSpec) -> CutConfig:
     return CutConfig(resolution=v.resolution, fps=v.fps, precision=v.clip_precision, crf=v.crf, preset=v.preset,
                      max_duration=v.max_duration, max_pixels=spec.download.max_pixels,
                      store_frames=v.store_frames, num_frames=num_frames, frames_fps=v.frames_fps,
-                     frames_size=v.frames_size, decode_threads=v.decode_threads)
+                     frames_size=v.frames_size, decode_threads=v.decode_threads, audio=v.audio,
+                     audio_rate=v.audio_rate, audio_channels=v.audio_channels)
 
 
 def ytdlp_options(spec: JobSpec) -> Optional[YtdlpOptions]:
@@ -198,7 +258,7 @@ def ytdlp_options(spec: JobSpec) -> Optional[YtdlpOptions]:
     if v.backend == "http":
         return None
     every_url = v.backend == "yt-dlp" or _card_media(spec) == "youtube"
-    return YtdlpOptions(format=v.ytdlp_format, timeout=d.timeout, max_bytes=d.max_bytes, retries=d.retries,
+    return YtdlpOptions(format=v.ytdlp_format or format_selector(v.audio), timeout=d.timeout, max_bytes=d.max_bytes, retries=d.retries,
                         user_agent=d.user_agent, every_url=every_url, sections=v.ytdlp_sections,
                         force_keyframes_at_cuts=v.ytdlp_force_keyframes, concurrency=v.ytdlp_concurrency,
                         rate=v.ytdlp_rate, ratelimit=v.ytdlp_ratelimit, sleep_interval=v.ytdlp_sleep)
@@ -219,6 +279,10 @@ def download_stage(spec: JobSpec) -> Stage:
             fetch=fetch_config(spec.download, "video", spec.video.concurrency), cut=cut_config(spec),
             tmp_dir=spec.video.tmp_dir, ytdlp=ytdlp_options(spec), cpus=cpus, scenes=spec.video.scenes,
             motion=spec.video.motion, min_motion=spec.video.min_motion))
+    if spec.download.media == "document":
+        return DocumentDownloadStage(DocumentDownloadConfig(
+            image=image_download_config(spec.download, spec.input.hash_col, cpus), rule=document_rule(spec),
+            max_images=spec.documents.max_images))
     return ImageDownloadStage(image_download_config(spec.download, spec.input.hash_col, cpus))
 
 
@@ -227,14 +291,20 @@ def image_download_config(download: DownloadSpec, hash_col: Optional[str] = None
                                verify_hash=download.verify_hash, hash_col=hash_col)
 
 
+def document_rule(spec: JobSpec) -> DocumentRule:
+    return DocumentRule(min_images=spec.documents.min_images, all_images=spec.documents.all_images)
+
+
 # -- the job's parts -----------------------------------------------------------------------------
 def build_stages(spec: JobSpec, check: bool = True) -> list[Stage]:
     """metadata filters -> download (image or video; none for ``input.shards``) -> the other
     filters -> tokenizers, each group in the spec's order. With ``check`` every stage checks, here
-    in the driver, that what it needs exists."""
+    in the driver, that what it needs exists. On documents (``download.media: document``) a stage
+    with a ``document_view`` runs on its view through SegmentStage (the others on the document rows
+    as they are), and a last stage counts each document's kept images again."""
     from filters import build_filters
 
-    filters = build_filters(spec.filters, check)
+    filters = build_filters(spec.filters, check, documents=spec.download.media == "document")
     early = [f for f in filters if f.metadata_only]  # the rows they drop are never fetched
     media: list[Stage] = []
     if not spec.input.shards:
@@ -246,7 +316,12 @@ def build_stages(spec: JobSpec, check: bool = True) -> list[Stage]:
         from pipeline.tokenize import build_tokenizers
 
         tokenizers = build_tokenizers(spec.tokenize, check)
-    return [*early, *media, *(f for f in filters if not f.metadata_only), *tokenizers]
+    stages = [*early, *media, *(f for f in filters if not f.metadata_only), *tokenizers]
+    if spec.download.media != "document":
+        return stages
+    rule = document_rule(spec)
+    stages = [s if s in media else for_documents(s, rule) for s in stages]
+    return stages + [DocumentCountStage()] if stages[-1] not in media else stages
 
 
 def column_types(stages: list[Stage]) -> dict[str, str]:

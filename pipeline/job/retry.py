@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from pipeline.core import schema
+from pipeline.core import document, schema
 from pipeline.core.config import ConfigError
 from pipeline.core.schema import Batch, ErrorKind
 from pipeline.core.stage import Stage
@@ -73,10 +73,24 @@ def row_selector(kinds: Sequence[str]) -> Callable[[str, Optional[str], Optional
     return selected
 
 
-def retry_batch(written: Batch, rows: list[int], now: str) -> Batch:
-    """The ``rows`` of a status table, as input again: pending, no error, no files."""
+def document_fields(stages: list[Stage]) -> set[str]:
+    """What a document job's stages set on its image segments: the download's outcome and member,
+    and each per-image stage's columns (its scores)."""
+    fields = {*document.STATUS_FIELDS, *document.IMAGE_FIELDS, document.MEMBER}
+    for stage in stages:
+        inner = getattr(stage, "inner", None)  # a SegmentStage
+        fields |= set(inner.columns) if inner is not None else set()
+    return fields
+
+
+def retry_batch(written: Batch, rows: list[int], now: str, stage_fields: Optional[set[str]] = None) -> Batch:
+    """The ``rows`` of a status table, as input again: pending, no error, no files; a document
+    as its reader gave it (``stage_fields``, what the stages set on its images, removed): it is
+    fetched again whole."""
     batch = {c: [values[i] for i in rows] for c, values in written.items()}
     n = len(rows)
+    if schema.DOCUMENT in batch:
+        batch[schema.DOCUMENT] = [document.unfetched(d, stage_fields or set()) for d in batch[schema.DOCUMENT]]
     batch.update({schema.STATUS: [schema.PENDING] * n, schema.ERROR_KIND: [None] * n,
                   schema.ERROR_MESSAGE: [None] * n, schema.LAST_ATTEMPT: [now] * n,
                   schema.FILES: [{} for _ in range(n)]})
@@ -188,8 +202,9 @@ class Retry(Job):
             if any(s.ordered for s in stages):  # every kept row first: a retried duplicate is the one dropped
                 for shard_id in complete:
                     yield Replay(shard_id, partial(kept_rows, sink, shard_id, set(todo.get(shard_id, ()))))
+            fields = document_fields(stages)
             for shard_id, rows in todo.items():
-                yield InputShard(shard_id, retry_batch(sink.read_status(shard_id), rows, now))
+                yield InputShard(shard_id, retry_batch(sink.read_status(shard_id), rows, now, fields))
 
         successes_before = self._successes(sink, todo)
         try:
@@ -222,14 +237,21 @@ class Retry(Job):
         todo = {}
         for shard_id in complete:
             stats = sink.read_stats(shard_id)
-            if not stats.get("status_counts", {}).get(schema.FAILED_TO_DOWNLOAD):
+            documents = self.spec.download.media == "document"  # a kept document may hold failed images
+            if not documents and not stats.get("status_counts", {}).get(schema.FAILED_TO_DOWNLOAD):
                 continue  # nothing failed to download here: its status table is not even read
             written = sink.read_status(shard_id)
             rows = [i for i, row in enumerate(zip(written[schema.STATUS], written[schema.ERROR_KIND],
-                                                   written[schema.ERROR_MESSAGE])) if self.selected(*row)]
+                                                   written[schema.ERROR_MESSAGE]))
+                    if self.selected(*row) or documents and self._image_selected(written[schema.DOCUMENT][i])]
             if rows:
                 todo[shard_id] = rows
         return todo
+
+    def _image_selected(self, value: Any) -> bool:
+        """Whether one of a document's images failed with a kind being retried."""
+        return any(self.selected(*(seg.get(f) for f in document.STATUS_FIELDS))
+                   for seg in document.image_slots(document.as_document(value)))
 
     @staticmethod
     def _successes(sink: WebDatasetSink, todo: dict[int, list[int]]) -> int:

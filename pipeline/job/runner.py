@@ -206,7 +206,7 @@ class Job:
                     if left <= 0:
                         break
             finally:
-                models = any(isinstance(stage, ModelStage) for stage in copies)
+                models = any(isinstance(getattr(stage, "inner", stage), ModelStage) for stage in copies)  # a document stage wraps its model
                 del copies
                 if models:
                     free_cuda_memory()

@@ -20,6 +20,7 @@ from pipeline.core.config import ConfigError, apply_override, from_dict, parse_o
 from pipeline.executors import EXECUTORS
 from pipeline.fetch.client import DEFAULT_MAX_BYTES_IN_FLIGHT
 from pipeline.fetch.headers import DEFAULT_USER_AGENT
+from pipeline.media.audio import AAC_RATES, AUDIO_CHANNELS
 from pipeline.media.geometry import MAX_PIXELS, RESIZE_MODES
 from pipeline.media.resize import ENCODE_FORMATS
 from pipeline.media.scenes import SceneConfig
@@ -68,7 +69,7 @@ class DownloadSpec:
     download task (each body reserves its Content-Length, or ``max_bytes`` when the length is not
     known; null: unbounded, i.e. concurrency x max_bytes).
     """
-    media: Literal["image", "video"] = "image"
+    media: Literal["image", "video", "document"] = "image"  # document: every image of interleaved documents
     image_size: int = 256
     resize_mode: ResizeMode = "center_crop"
     resize_only_if_bigger: bool = False
@@ -129,7 +130,9 @@ class VideoSpec:
     # auto: yt-dlp for YouTube ids/URLs, row by row (every row when the catalog card's media are on
     # YouTube), HTTP for the others; yt-dlp: every row (pages that need an extractor; extra: mmcurate[ytdlp])
     backend: Literal["auto", "http", "yt-dlp"] = "auto"
-    ytdlp_format: str = "bv*[ext=mp4]/b[ext=mp4]/bv*/b"  # yt-dlp format selector (video only)
+    # yt-dlp format selector; null: the best mp4 video, with the best m4a audio merged in when
+    # video.audio is on and ffmpeg is on PATH (download.ytdlp.format_selector)
+    ytdlp_format: Optional[str] = None
     ytdlp_sections: bool = True          # spans: fetch only the section covering a video's clips (ffmpeg)
     ytdlp_force_keyframes: bool = False  # re-encode a section at its cuts rather than copy from a keyframe
     ytdlp_concurrency: int = 2           # videos in flight through yt-dlp, per task
@@ -156,6 +159,11 @@ class VideoSpec:
     scenes: Optional[SceneConfig] = None
     motion: bool = False                 # motion_score per clip (mean absolute frame difference, 0..255)
     min_motion: Optional[float] = None   # clips with a lower motion_score are dropped (filtered: motion)
+    # the source's audio track in each clip as AAC (copied when the video is, else encoded, the
+    # same span); false: video only. A source without audio gives clips without (pipeline.media.audio)
+    audio: bool = True
+    audio_rate: Optional[int] = None     # resample to this AAC rate (e.g. 16000); null keeps the source's
+    audio_channels: Optional[int] = None  # 1 or 2; null keeps the source's (more than 2: mixed to stereo)
 
     def validate(self) -> None:
         if self.min_motion is not None and self.min_motion < 0:
@@ -171,10 +179,36 @@ class VideoSpec:
         for name in ("concurrency", "decode_threads", "ytdlp_concurrency"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.audio_rate is not None and self.audio_rate not in AAC_RATES:
+            raise ConfigError(f"audio_rate: must be one of the AAC rates {list(AAC_RATES)}, got {self.audio_rate}")
+        if self.audio_channels is not None and self.audio_channels not in AUDIO_CHANNELS:
+            raise ConfigError(f"audio_channels: must be one of {list(AUDIO_CHANNELS)}, got {self.audio_channels}")
         for name in ("ytdlp_rate", "ytdlp_ratelimit", "ytdlp_sleep"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name}: must be > 0 (or null: no cap), got {value}")
+
+
+@dataclass
+class DocumentsSpec:
+    """Interleaved documents (``download.media: document``): rows with a ``document`` column (a
+    catalog card's document reader, or jsonl/parquet rows in the form of pipeline.core.document).
+    A document keeps its failed images as slots with their status; it is dropped (too_few_images,
+    or filtered by the filter whose rejections left too few) when fewer than ``min_images`` images
+    are left, or, with ``all_images``, when any image failed. A document with more image slots than
+    ``max_images`` is not fetched: it fails malformed_row (documents are kept whole)."""
+    min_images: int = 1
+    all_images: bool = False
+    max_images: Optional[int] = None  # null: any number
+
+    def validate(self) -> None:
+        if self.min_images < 0:
+            raise ConfigError(f"min_images: must be >= 0, got {self.min_images}")
+        if self.max_images is not None and self.max_images <= 0:
+            raise ConfigError(f"max_images: must be > 0 or null, got {self.max_images}")
+        if self.max_images is not None and self.max_images < self.min_images:
+            raise ConfigError(f"max_images: {self.max_images} is below min_images={self.min_images}; "
+                              "no document could pass")
 
 
 @dataclass
@@ -217,6 +251,7 @@ class JobSpec:
     name: str = "job"
     download: DownloadSpec = field(default_factory=DownloadSpec)
     video: VideoSpec = field(default_factory=VideoSpec)
+    documents: DocumentsSpec = field(default_factory=DocumentsSpec)
     filters: list[dict[str, Any]] = field(default_factory=list)   # [{name: {options}}], in order
     tokenize: dict[str, Any] = field(default_factory=dict)        # {text: {...}, image: {...}, sequence: {...}}
     output: OutputSpec = field(default_factory=OutputSpec)
@@ -225,6 +260,9 @@ class JobSpec:
     def validate(self) -> None:
         if self.output.layout == "sidecar" and not self.input.shards:
             raise ConfigError("output.layout: 'sidecar' writes fields aligned with existing shards; it needs input.shards")
+        if self.download.media == "document" and self.input.shards:
+            raise ConfigError("download.media: 'document' fetches the images of document rows; input.shards "
+                              "holds samples already downloaded (use input.files or input.catalog)")
         if self.download.verify_hash and not self.input.hash_col:
             raise ConfigError(f"download.verify_hash: {self.download.verify_hash!r} needs input.hash_col, "
                               "the column holding each file's hash")

@@ -14,7 +14,9 @@ happens to be one shape, a tensor.
 :func:`columnar_fields` decides, when the dataset is built, whether a dataset can be read this way:
 batches, every field one ``.npy`` extension, decoded without a custom decoder, and every non-empty
 shard with a column file that holds the fields, as many rows as ``index.json`` counts and that was
-made with a tar of the size found (a column file beside another tar is never read). By default
+made with a tar of the size found (a column file beside another tar is never read). On document
+shards that is the documents' own members (``sequence.npy``, ``spans.npy``); a document slot's
+member (``image_003.image_ids.npy``) has no column and is read from the tars. By default
 (``columnar=None``) ragged fields are read from the tars, so batches keep their types; with
 ``columnar=True`` they come as above. Sidecar zips are not read this way (refused when asked for):
 their kept rows and merges are the tar path's.
@@ -34,7 +36,7 @@ from pipeline.core.location import local_path
 from pipeline.loader.decode import batch_tensor
 from pipeline.loader.index import Shard, Source, _open
 from pipeline.loader.plan import draw_arrays, window_order
-from pipeline.sinks.columnar import FORMAT_VERSION, KEY, SHAPE_SUFFIX, SUFFIX
+from pipeline.sinks.columnar import FORMAT_VERSION, KEY, SHAPE_SUFFIX, SUFFIX, slot_member
 
 OPEN_FILES = 16  # column files kept open per worker (a worker reads its shards one after another)
 
@@ -115,6 +117,10 @@ def columnar_fields(sources: Sequence[Source], want: Optional[Mapping[str, str]]
     not_npy = sorted(e for e in want if e.rsplit(".", 1)[-1] != "npy")
     if not_npy:
         return f"fields {not_npy} are not .npy members"
+    per_slot = sorted(e for e in want if slot_member(e))
+    if per_slot:
+        return (f"field {per_slot[0]!r} is a per-slot member of documents ({slot_member(per_slot[0])}): it is in "
+                f"the tars only; the column file holds each document's own members (sequence.npy, spans.npy)")
     found: dict[str, set] = {ext: set() for ext in want}
     for src in sources:
         for shard in src.shards:

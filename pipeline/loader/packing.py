@@ -19,7 +19,10 @@ workers), in their order, so the rows are a function of the dataset's setup, ``n
   is padding); only a sample longer than ``seq_len`` is split, into ``seq_len`` pieces from the
   start of a row, its last piece shared with the samples after it.
 
-Either way every token of the epoch is in exactly one row. A row holds ``tokens`` (int64),
+Either way every token of the epoch is in exactly one row. An interleaved document is one sample
+(its ``sequence.npy`` holds the whole document, ``pipeline.tokenize.sequence``), so the pieces below
+are documents: ``segment_ids`` / ``cu_seqlens`` are document boundaries, and the images inside a
+document are runs of ``modality`` 1, not boundaries (a split may cut an image between two rows). A row holds ``tokens`` (int64),
 ``segment_ids`` (1, 2, ... per piece of a sample in the row, 0 on padding), ``position_ids`` (from 0
 in each piece, as its attention sees it; 0 on padding), ``cu_seqlens`` (int32, the pieces' bounds:
 ``[0, l1, l1+l2, ...]``, for varlen attention; padding lies after the last bound), ``modality``

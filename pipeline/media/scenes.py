@@ -4,7 +4,9 @@
 scaled to ``downscale_width`` pixels wide, turned into HSV (OpenCV's 8-bit ranges: H 0..179, S and
 V 0..255), and its score is the mean over H, S and V of the mean absolute difference from the
 previous frame. A frame whose score is at least ``threshold`` starts a new scene, unless fewer
-than ``min_scene_len`` frames have passed since the last cut (or the start).
+than ``min_scene_len`` frames have passed since the last cut (or the start). Frames are compared
+as displayed: a source's rotation metadata is applied first (:mod:`pipeline.media.rotation`), as
+OpenCV, which PySceneDetect reads with, does.
 
 **Scenes to clips** (:func:`scene_spans`): the spans between cuts (the last one ends one frame
 after the last frame). A scene shorter than ``min_clip`` seconds is **dropped**, never merged
@@ -26,6 +28,7 @@ spaced places in a clip; about 0 for a still shot.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from dataclasses import dataclass
@@ -36,7 +39,10 @@ import numpy as np
 
 from pipeline.core.config import ConfigError
 from pipeline.core.schema import ErrorKind
-from pipeline.media.video import MediaError, _open, _video_stream
+from pipeline.media.rotation import frame_orientation
+from pipeline.media.video_source import MediaError
+from pipeline.media.video_source import open_source as _open
+from pipeline.media.video_source import video_stream as _video_stream
 
 MOTION_SIZE = 64   # short side of the frames the motion score compares
 MOTION_PAIRS = 8   # consecutive frame pairs compared per clip
@@ -84,25 +90,14 @@ def detect_cuts(path: Union[str, Path], config: SceneConfig, threads: int = 1) -
 
 
 def _detect(container, config: SceneConfig, threads: int) -> Cuts:
-    from av.video.reformatter import Interpolation, VideoReformatter
-
     vs = _video_stream(container)
     vs.thread_type = "AUTO" if threads > 1 else "SLICE"
     vs.codec_context.thread_count = threads
-    tb, origin = vs.time_base, vs.start_time or 0
     rate = float(vs.average_rate or vs.guessed_rate or 25)
     times, frames = [], []
     previous, last_cut, n, t = None, 0, 0, -1 / rate
-    size = None
-    scaler = VideoReformatter()  # one scaler for every frame: a new one per frame costs ~10x the decode
-    for frame in container.decode(vs):
-        pts = frame.pts if frame.pts is not None else frame.dts
-        t = float((pts - origin) * tb) if pts is not None else t + 1 / rate  # raw streams: count frames
-        if size is None:
-            size = _reduced_size(frame.width, frame.height, config.downscale_width)
-        small = scaler.reformat(frame, width=size[0], height=size[1], format="rgb24",
-                                interpolation=Interpolation.FAST_BILINEAR)
-        hsv = _hsv(small.to_ndarray())
+    for t, small in displayed_frames(container, config.downscale_width):
+        hsv = _hsv(small)
         if previous is not None:
             # the mean over H, S and V of each one's mean difference (equal weights, equal sizes)
             score = float(np.abs(hsv - previous).mean())
@@ -115,6 +110,28 @@ def _detect(container, config: SceneConfig, threads: int) -> Cuts:
     if n == 0:
         raise MediaError(ErrorKind.DECODE_ERROR, "no frame could be decoded")
     return Cuts(times=times, frames=frames, end=round(t + 1 / rate, 6), frame_count=n)
+
+
+def displayed_frames(container, max_width: int):
+    """(time in seconds, RGB (H, W, 3) uint8) of every frame of the first video stream, as displayed
+    (rotation metadata applied, :mod:`pipeline.media.rotation`) and at most ``max_width`` wide."""
+    from av.video.reformatter import Interpolation, VideoReformatter
+
+    vs = _video_stream(container)
+    tb, origin = vs.time_base, vs.start_time or 0
+    step = 1 / float(vs.average_rate or vs.guessed_rate or 25)
+    t, size, orientation = -step, None, None
+    scaler = VideoReformatter()  # one scaler for every frame: a new one per frame costs ~10x the decode
+    for frame in container.decode(vs):
+        pts = frame.pts if frame.pts is not None else frame.dts
+        t = float((pts - origin) * tb) if pts is not None else t + step  # raw streams: count frames
+        if size is None:
+            orientation = frame_orientation(frame, vs.metadata.get("rotate"))
+            shown = _reduced_size(*orientation.display_size(frame.width, frame.height), max_width)
+            size = orientation.stored_size(*shown)  # scaled as stored, then turned: fewer pixels to turn
+        small = scaler.reformat(frame, width=size[0], height=size[1], format="rgb24",
+                                interpolation=Interpolation.FAST_BILINEAR)
+        yield t, orientation.apply(small.to_ndarray())
 
 
 def _reduced_size(width: int, height: int, max_width: int) -> tuple[int, int]:
@@ -153,6 +170,20 @@ def scene_spans(cuts: Cuts, config: SceneConfig) -> list[tuple[float, float]]:
         spans.extend((round(start + k * step, 6), round(start + (k + 1) * step, 6) if k + 1 < pieces else end)
                      for k in range(pieces))
     return spans
+
+
+def scene_summary(entries: list[dict], clips: list[bytes]) -> dict:
+    """The columns of a row cut into scenes, summed up over its clips (their ``scenes`` entries
+    and bytes, in time order): one sha256 over the clips, the span from the first start to the
+    last end, the clips' total duration and frames, the lowest motion score."""
+    digest = hashlib.sha256()
+    for data in clips:
+        digest.update(data)
+    motions = [e["motion_score"] for e in entries if e.get("motion_score") is not None]
+    return {"sha256": digest.hexdigest(), "clip_start": entries[0]["start"], "clip_end": entries[-1]["end"],
+            "duration": round(sum(e["end"] - e["start"] for e in entries), 6),
+            "frame_count": sum(e["frame_count"] or 0 for e in entries),
+            "motion_score": min(motions) if motions else None}
 
 
 def motion_score(mp4: bytes) -> float:

@@ -15,23 +15,41 @@ Schema metadata: ``mmcurate.columns`` (the format version), ``rows``, ``tar_byte
 the tar it was made with: a reader refuses a column file beside another tar) and ``not_columnar``
 (a JSON list of the ``.npy`` extensions in the tar that have no column here: some sample lacks the
 member, one is not a valid ``.npy``, or its dtype has no Arrow type, so a reader must read them
-from the tar). The file holds
-exactly the bytes the tar's members decode to: a reader of either gets the same arrays.
+from the tar) and ``slot_members`` (a JSON list of the per-slot ``.npy`` members of interleaved
+documents in the tar, slot as ``NNN``: ``["image_NNN.image_ids.npy", "text_NNN.text_ids.npy"]``).
+The file holds exactly the bytes the tar's members decode to: a reader of either gets the same arrays.
+
+**Documents.** A document's per-slot members (``KEY.image_003.image_ids.npy``,
+``KEY.text_001.text_ids.npy``, ``pipeline.core.document``) get no column: a slot's column would
+exist only in the shards where every document has that slot, so no reader could count on it,
+and their ids are in the document's ``sequence.npy`` already. They stay in the tar; the document's
+own members (``sequence.npy``, ``spans.npy``) are columns as a pair's are.
 """
 from __future__ import annotations
 
 import json
+import re
 from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.core import document
 from pipeline.media.npy import read_npy
 
 FORMAT_VERSION = "1"
 SUFFIX = ".columns.arrow"
 KEY = "__key__"
 SHAPE_SUFFIX = "#shape"  # the ragged field's per-sample shapes: column "EXT#shape"
+# A document slot's member extension, as core/document.py names them (image_member, text_member).
+SLOT_MEMBER = re.compile(rf"^({document.IMAGE}|{document.TEXT})_\d{{3,}}\.")
+
+
+def slot_member(ext: str) -> Optional[str]:
+    """``image_NNN.image_ids.npy`` for a document slot's member extension ``image_003.image_ids.npy``,
+    else None."""
+    m = SLOT_MEMBER.match(ext)
+    return f"{m.group(1)}_NNN.{ext[m.end():]}" if m else None
 
 
 def column_name(shard_name: str) -> str:
@@ -89,9 +107,11 @@ def _column(arrays: list[np.ndarray]) -> Optional[tuple[dict[str, pa.Array], dic
 
 def column_file(members: Sequence[tuple[str, bytes]], tar_bytes: int) -> Optional[bytes]:
     """The column file of a tar made of ``members`` (``tar_bytes`` long), or None when no sample
-    has a ``.npy`` member."""
+    has a ``.npy`` member other than documents' per-slot ones."""
     keys, npys = _samples(members)
-    exts = sorted({ext for sample in npys for ext in sample})
+    found = {ext for sample in npys for ext in sample}
+    slots = sorted({slot_member(ext) for ext in found} - {None})
+    exts = sorted(ext for ext in found if slot_member(ext) is None)
     if not exts:
         return None
     fields, columns, not_columnar = [pa.field(KEY, pa.string())], [pa.array(keys, pa.string())], []
@@ -113,7 +133,8 @@ def column_file(members: Sequence[tuple[str, bytes]], tar_bytes: int) -> Optiona
     if len(fields) == 1:
         return None  # no field has a column: the tar alone holds them
     schema = pa.schema(fields, metadata={"mmcurate.columns": FORMAT_VERSION, "rows": str(len(keys)),
-                                         "tar_bytes": str(tar_bytes), "not_columnar": json.dumps(not_columnar)})
+                                         "tar_bytes": str(tar_bytes), "not_columnar": json.dumps(not_columnar),
+                                         "slot_members": json.dumps(slots)})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, schema) as writer:
         writer.write_batch(pa.record_batch(columns, schema=schema))  # one batch: each column contiguous

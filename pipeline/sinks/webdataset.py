@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core import schema
+from pipeline.core.document import full_text
 from pipeline.core.schema import Batch
 from pipeline.sinks import journal
 from pipeline.sinks.base import DamagedShard, Sink
@@ -223,16 +224,21 @@ def _plain(value: Any) -> Any:
 
 
 def _member_order(ext: str) -> tuple[int, str]:
-    """Media first, then txt and json, then stage outputs by name."""
-    if ext in schema.MEDIA_EXTENSIONS:
+    """Media first (a document's ``image_NNN.jpg`` and a video's ``clip_NNN.mp4`` too), then txt
+    and json, then stage outputs by name."""
+    if ext.rpartition(".")[2] in schema.MEDIA_EXTENSIONS:
         return (0, ext)
     return ({"txt": 1, "json": 2}.get(ext, 3), ext)
 
 
 def sample_members(batch: Batch, i: int, scalar_columns: list[str]) -> list[tuple[str, bytes]]:
-    """The tar members of row ``i``: its files, KEY.txt (caption) and KEY.json (its scalar columns)."""
+    """The tar members of row ``i``: its files, KEY.txt (caption; a document's text) and KEY.json
+    (its scalar columns; a document as an object, with its images' status and source URL)."""
     members = dict(batch[schema.FILES][i])
     caption = batch[schema.CAPTION][i]
+    document = batch.get(schema.DOCUMENT, [None] * (i + 1))[i]
+    if caption is None and isinstance(document, dict):
+        caption = full_text(document)
     members["txt"] = (caption or "").encode("utf-8")
     meta = {c: _plain(batch[c][i]) for c in scalar_columns}
     members["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
@@ -266,6 +272,8 @@ def status_table(batch: Batch, column_types: dict[str, str]) -> pa.Table:
     arrays = {}
     for c in scalar_columns(batch):
         values = batch[c] if column_types.get(c) == "binary" else [_plain(v) for v in batch[c]]
+        if column_types.get(c) == "string":  # an object declared as text (a document): its JSON
+            values = [json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v for v in values]
         try:
             arrays[c] = pa.array(values, type=column_types.get(c))
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):

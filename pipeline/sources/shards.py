@@ -22,7 +22,7 @@ import datetime
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -68,7 +68,8 @@ def table_chunks(files: list[str], input_spec: Any) -> Iterator[dict[str, list]]
             yield out
 
 
-def _row_problem(url: Any, caption: Any, start: Any, end: Any, invalid: Any) -> Optional[tuple[str, str]]:
+def _row_problem(url: Any, caption: Any, start: Any, end: Any, invalid: Any,
+                 bare_ids: Optional[Callable[[str], bool]] = None) -> Optional[tuple[str, str]]:
     if invalid:
         return ErrorKind.MALFORMED_ROW, str(invalid)
     if url is None or _is_nan(url) or (isinstance(url, str) and not url.strip()):
@@ -77,7 +78,8 @@ def _row_problem(url: Any, caption: Any, start: Any, end: Any, invalid: Any) -> 
         return ErrorKind.INVALID_UTF8, "the URL or caption is not valid UTF-8"
     if not isinstance(url, str):
         return ErrorKind.BAD_URL, _not_text(schema.URL, url)
-    if not url.strip().lower().startswith(("http://", "https://")):
+    # bare_ids: what the job's backend takes besides http(s) URLs (a video job's yt-dlp: YouTube ids)
+    if not url.strip().lower().startswith(("http://", "https://")) and not (bare_ids and bare_ids(url)):
         return ErrorKind.BAD_SCHEME, f"only http(s) URLs are fetched: {url[:100]!r}"
     if isinstance(caption, (list, tuple, dict)):
         return ErrorKind.MALFORMED_ROW, _not_text(schema.CAPTION, caption)
@@ -150,9 +152,10 @@ def _repaired(text: str) -> str:
 
 
 def plan_shards(chunks: Iterable[dict[str, list]], samples_per_shard: int,
-                limit: Optional[int] = None) -> Iterator[InputShard]:
+                limit: Optional[int] = None, bare_ids: Optional[Callable[[str], bool]] = None) -> Iterator[InputShard]:
     """Validate the rows of ``chunks`` and cut them into input shards of ``samples_per_shard`` rows
-    (the first ``limit`` rows only, when set)."""
+    (the first ``limit`` rows only, when set). ``bare_ids`` says which values that are no http(s)
+    URL the job's backend fetches (:func:`pipeline.download.ytdlp.bare_ids`); None: none."""
     size = samples_per_shard
     rows: list[dict] = []
     shard_id = 0
@@ -164,17 +167,18 @@ def plan_shards(chunks: Iterable[dict[str, list]], samples_per_shard: int,
         for j in range(n):
             rows.append({k: v[j] for k, v in chunk.items()})
             if len(rows) == size:
-                yield _shard(shard_id, rows, size)
+                yield _shard(shard_id, rows, size, bare_ids)
                 shard_id += 1
                 rows = []
         seen += n
         if limit is not None and seen >= limit:
             break
     if rows:
-        yield _shard(shard_id, rows, size)
+        yield _shard(shard_id, rows, size, bare_ids)
 
 
-def _shard(shard_id: int, rows: list[dict], size: int) -> InputShard:
+def _shard(shard_id: int, rows: list[dict], size: int, bare_ids: Optional[Callable[[str], bool]] = None
+           ) -> InputShard:
     n = len(rows)
     batch = {
         schema.KEY: [schema.make_key(shard_id, i, size) for i in range(n)],
@@ -194,11 +198,55 @@ def _shard(shard_id: int, rows: list[dict], size: int) -> InputShard:
         batch[name] = [r.get(name) if text else _json_value(r.get(name)) for r in rows]
     batch.setdefault(schema.URL, [None] * n)
     batch.setdefault(schema.CAPTION, [None] * n)
+    documents = batch.get(schema.DOCUMENT)  # document rows: the page URL is no media URL
     for i, r in enumerate(rows):
-        problem = _row_problem(r.get(schema.URL), r.get(schema.CAPTION), r.get(schema.CLIP_START),
-                               r.get(schema.CLIP_END), r.get(INVALID))
+        problem = (_document_problem(documents[i], r.get(INVALID)) if documents is not None else
+                   _row_problem(r.get(schema.URL), r.get(schema.CAPTION), r.get(schema.CLIP_START),
+                                r.get(schema.CLIP_END), r.get(INVALID), bare_ids))
         if problem:
             schema.mark(batch, i, *problem)
         for col in (schema.URL, schema.CAPTION):  # text or None from here on, failed rows included
             batch[col][i] = _text(batch[col][i])
     return InputShard(shard_id, batch)
+
+
+def _document_problem(document: Any, invalid: Any) -> Optional[tuple[str, str]]:
+    """Why a document row fails as a whole (``malformed_row``), or None. On the way its text
+    segments are made text and each image segment gets its status: ``pending``, or
+    ``invalid_input`` with the kind of its URL's problem (the image stays in the document)."""
+    if invalid:
+        return ErrorKind.MALFORMED_ROW, str(invalid)
+    if not isinstance(document, dict) or not isinstance(document.get("segments"), list):
+        return ErrorKind.MALFORMED_ROW, f"column {schema.DOCUMENT!r} is not a document with a segments list"
+    segments = document["segments"]
+    for n, seg in enumerate(segments):
+        if not isinstance(seg, dict) or seg.get("type") not in ("text", "image"):
+            return ErrorKind.MALFORMED_ROW, f"segment {n} is not a text or an image: {_text(seg)}"[:200]
+        if seg["type"] == "text":
+            seg["text"] = _text(seg.get("text")) or ""
+            continue
+        kind, message = _segment_url_problem(seg.get("url")) or (None, None)
+        seg.update({schema.STATUS: kind.status if kind else schema.PENDING,  # plain text, as in KEY.json
+                    schema.ERROR_KIND: kind.value if kind else None, schema.ERROR_MESSAGE: message})
+        if not isinstance(seg.get("url"), str):
+            seg["url"] = _text(seg.get("url"))
+    if not any(s["type"] == "image" or s["text"] for s in segments):
+        return ErrorKind.MALFORMED_ROW, "the document has no image and no text"
+    return None
+
+
+def _segment_url_problem(url: Any) -> Optional[tuple[str, str]]:
+    """An image segment's URL checked as a row's is (:func:`_row_problem`), and that it parses."""
+    from urllib.parse import urlsplit
+
+    problem = _row_problem(url, None, None, None, None)
+    if problem:
+        return problem
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError as exc:
+        return ErrorKind.BAD_URL, f"cannot parse {url[:100]!r}: {exc}"
+    if not parts.hostname:
+        return ErrorKind.BAD_URL, f"no host in {url[:100]!r}"
+    return None

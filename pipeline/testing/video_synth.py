@@ -57,23 +57,61 @@ def read_counter(frame: np.ndarray) -> int:
     return value
 
 
+TONE_HZ = 440.0  # the synthetic audio: a sine at this pitch, sounding in the first half of every second
+
+
+def tone(n_samples: int, rate: int, channels: int, first: int = 0) -> np.ndarray:
+    """Samples ``first .. first + n_samples`` of the test tone, planar float32 (channels, n): a
+    sine of amplitude 0.5 during the first half of every second, silence in the second half, so a
+    test can tell where in the source a clip's audio starts and ends."""
+    index = np.arange(first, first + n_samples)
+    on = (index % rate) < rate // 2
+    wave = (0.5 * np.sin(2 * np.pi * TONE_HZ * index / rate) * on).astype(np.float32)
+    return np.repeat(wave[None, :], channels, axis=0)
+
+
+def tone_on(samples: np.ndarray, rate: int, window: float = 0.01) -> np.ndarray:
+    """Per ``window`` seconds of decoded audio (channels, n): whether the tone sounds there."""
+    mono = np.abs(np.asarray(samples, np.float32)).mean(axis=0)
+    size = max(1, int(rate * window))
+    usable = mono[: len(mono) // size * size].reshape(-1, size)
+    return usable.mean(axis=1) > 0.1
+
+
+def stored_frame(display: np.ndarray, rotation: int, hflip: bool) -> np.ndarray:
+    """The frame to store so that a player applying ``rotation`` (degrees counterclockwise, as
+    PyAV's set_display_rotation and VideoFrame.rotation count) then the mirror shows ``display``."""
+    if hflip:
+        display = display[:, ::-1]
+    return np.ascontiguousarray(np.rot90(display, k=-(rotation // 90)))
+
+
 def write_counter_video(path: str | Path, n_frames: int, fps: float | Fraction = 25, width: int = 128,
                         height: int = 96, codec: str = "libx264", gop: int = 25, bframes: int = 0,
-                        container_format: Optional[str] = None) -> Path:
+                        container_format: Optional[str] = None, rotation: int = 0, hflip: bool = False,
+                        audio_rate: Optional[int] = None, audio_channels: int = 2, audio_codec: str = "aac",
+                        audio_seconds: Optional[float] = None, audio_delay: float = 0.0) -> Path:
     """Encode ``n_frames`` counter frames to ``path`` (format from the suffix unless given).
 
     ``gop`` is the keyframe interval in frames (fixed: no scene-cut keyframes), ``bframes`` the
     number of B-frames, so tests can build sources where a span does or does not start on a
-    keyframe and where decode order differs from display order.
+    keyframe and where decode order differs from display order. ``rotation`` (a multiple of 90)
+    and ``hflip`` write a display matrix and store the frames turned, so the video as displayed
+    is ``width`` x ``height`` with the counter upright (a phone video). ``audio_rate`` adds the
+    test tone (:func:`tone`) in ``audio_codec``, as long as the video or ``audio_seconds``,
+    starting ``audio_delay`` seconds after the first video frame.
     """
     import av
 
     path = Path(path)
     rate = Fraction(fps).limit_denominator(1001)
+    stored_w, stored_h = (height, width) if rotation % 180 else (width, height)
     with av.open(str(path), "w", format=container_format) as out:
         stream = out.add_stream(codec, rate=rate)
-        stream.width, stream.height = width, height
+        stream.width, stream.height = stored_w, stored_h
         stream.pix_fmt = "yuv420p"
+        if rotation or hflip:
+            stream.set_display_rotation(rotation, hflip=hflip)
         if codec == "libx264":
             stream.options = {"preset": "veryfast", "crf": "20", "threads": "1",
                               "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}"}
@@ -81,13 +119,49 @@ def write_counter_video(path: str | Path, n_frames: int, fps: float | Fraction =
             stream.codec_context.gop_size = gop
             stream.codec_context.max_b_frames = bframes
             stream.options = {"threads": "1", "qscale": "3"} if codec == "mpeg4" else {"threads": "1"}
+        sound = None
+        if audio_rate is not None:
+            total = round((audio_seconds if audio_seconds is not None else n_frames / float(rate)) * audio_rate)
+            sound = _ToneWriter(out, audio_codec, audio_rate, audio_channels, total, round(audio_delay * audio_rate))
         for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(counter_frame(i, width, height), format="rgb24")
+            display = counter_frame(i, width, height)
+            frame = av.VideoFrame.from_ndarray(stored_frame(display, rotation, hflip), format="rgb24")
             frame.pts = i
             frame.time_base = 1 / rate
             out.mux(stream.encode(frame.reformat(format="yuv420p")))
+            if sound is not None:
+                sound.until((i + 1) / float(rate))
         out.mux(stream.encode(None))
+        if sound is not None:
+            sound.finish()
     return path
+
+
+class _ToneWriter:
+    """The test tone into an output container, in 1024-sample frames, interleaved by time."""
+
+    def __init__(self, out, codec: str, rate: int, channels: int, total: int, delay: int = 0):
+        self.out, self.rate, self.channels, self.total, self.delay = out, rate, channels, total, delay
+        self.layout = "mono" if channels == 1 else "stereo"
+        self.stream = out.add_stream(codec, rate=rate, layout=self.layout)
+        self.written = 0
+
+    def until(self, seconds: float) -> None:
+        import av
+
+        target = min(self.total, round(seconds * self.rate) - self.delay)
+        while self.written < target:
+            n = min(1024, target - self.written)
+            frame = av.AudioFrame.from_ndarray(tone(n, self.rate, self.channels, self.written), format="fltp",
+                                               layout=self.layout)
+            frame.sample_rate, frame.time_base = self.rate, Fraction(1, self.rate)
+            frame.pts = self.written + self.delay
+            self.out.mux(self.stream.encode(frame))
+            self.written += n
+
+    def finish(self) -> None:
+        self.until((self.total + self.delay) / self.rate)
+        self.out.mux(self.stream.encode(None))
 
 
 def counter_video_bytes(tmp_dir: str | Path, name: str, **kwargs) -> bytes:

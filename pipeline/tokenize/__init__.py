@@ -11,7 +11,10 @@ The job's ``tokenize:`` section::
 Each stage stores its outputs as tar members (``KEY.text_ids.npy``, ``KEY.image_ids.npy`` or
 ``KEY.latents.npy``; the sequence stage ``KEY.sequence.npy`` and ``KEY.spans.npy``), puts its
 fingerprint id in a scalar column (hence in the parquet and each sample's json) and returns the
-full fingerprint from ``fingerprint()`` for the manifest.
+full fingerprint from ``fingerprint()`` for the manifest. On interleaved documents
+(``pipeline.core.document``) the text stage runs on each text segment and the image stage on each
+kept image (their ``document_view``, through ``SegmentStage``: members ``text_NNN.text_ids.npy``,
+``image_NNN.image_ids.npy``); the sequence stage composes each document whole, in reading order.
 """
 from __future__ import annotations
 

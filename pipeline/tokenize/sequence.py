@@ -17,22 +17,33 @@ in the mapping's ids:
 * ``chameleon`` (transformers' ``ChameleonImageVocabularyMapping``): code i is the token
   ``IMGIMG<i with digits A..J>Z`` (any closing letter is read, as transformers does), between
   ``<racm3:break>`` and ``<eoss>``; no EOL (its grid is fixed, and the ``image_grid`` column gives
-  the shape).
+  the shape; on documents, the image segment's ``image_grid`` field).
 * ``offset``: code i is ``visual_offset + i``; ``boi``, ``eoi`` and the optional ``eol``,
   ``bos``, ``eos`` are ids from the config.
 
 Spans are rows ``(start, end, modality)``, end exclusive, that tile the sequence: modality 0 text,
 1 image (its markers, prefix and EOLs included), 2 the bos/eos tokens. The sequence is stored as
 uint16 when the vocabulary has at most 65536 ids, else uint32; spans as int32.
+
+**Documents** (rows with a ``document``, ``pipeline.core.document``): one sequence per document,
+in reading order: bos, then each text segment's ids (member ``text_NNN.text_ids.npy``, written by
+the text stage over the text view) and each *kept* image's grid (``image_NNN.image_ids.npy``, the
+image stage over the image view), then eos; ``order`` does not apply. A kept image is one whose
+status is success (or pending); a dead, undecodable or filtered image is left out, markers and all.
+Which slot a span is, without decoding: the n-th image span is the n-th kept image slot (the slots
+whose status in ``KEY.json`` is success, ascending: ``document.live_images``), the n-th text span the n-th text slot with at
+least one id (an empty text has no span). A kept image without ids, or a slot whose ids do not fit
+the mapping, fails the document (``stage_error``, the message names the slot).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from pipeline.core import document as doc
 from pipeline.core import schema
 from pipeline.core.config import ConfigError
 from pipeline.core.schema import Batch, ErrorKind
@@ -125,9 +136,11 @@ class VocabularyMapping:
         return codes
 
 
-def compose(segments: Sequence[np.ndarray], mapping: VocabularyMapping) -> tuple[np.ndarray, np.ndarray]:
+def compose(segments: Sequence[np.ndarray], mapping: VocabularyMapping,
+            names: Optional[Sequence[str]] = None) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, spans)`` of a sample: bos, each segment in order (1-D text ids, 2-D image grid), eos.
-    Empty text segments are left out. Raises SequenceError."""
+    Empty text segments are left out. Raises SequenceError, its message led by the segment's name
+    in ``names`` when given ("image slot 2: ...")."""
     parts: list[np.ndarray] = []
     spans: list[tuple[int, int, int]] = []
 
@@ -138,24 +151,62 @@ def compose(segments: Sequence[np.ndarray], mapping: VocabularyMapping) -> tuple
 
     if mapping.bos is not None:
         add(np.array([mapping.bos], np.int64), SPECIAL)
-    for segment in segments:
-        segment = np.asarray(segment)
-        if segment.ndim == 1:
-            if not len(segment):
-                continue
-            if segment.min() < 0 or segment.max() >= mapping.vocab_size:
-                bad = int(segment.max() if segment.max() >= mapping.vocab_size else segment.min())
-                raise SequenceError(f"text id {bad} is outside the vocabulary ({mapping.vocab_size} ids)")
-            add(segment.astype(np.int64), TEXT)
-        elif segment.ndim == 2:
-            add(mapping.image_ids(segment), IMAGE)
-        else:
-            raise SequenceError(f"a segment is text ids (1-D) or an image grid (2-D), got shape {segment.shape} "
-                                "(clips are not composed)")
+    for n, segment in enumerate(segments):
+        try:
+            made = _segment_ids(np.asarray(segment), mapping)
+        except SequenceError as e:
+            raise SequenceError(f"{names[n]}: {e}" if names is not None else str(e)) from None
+        if made is not None:
+            add(*made)
     if mapping.eos is not None:
         add(np.array([mapping.eos], np.int64), SPECIAL)
     ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     return ids, np.array(spans, np.int32).reshape(-1, 3)
+
+
+def _segment_ids(segment: np.ndarray, mapping: VocabularyMapping) -> Optional[tuple[np.ndarray, int]]:
+    """One segment's ids and modality; None for empty text."""
+    if segment.ndim == 1:
+        if not len(segment):
+            return None
+        if segment.min() < 0 or segment.max() >= mapping.vocab_size:
+            bad = int(segment.max() if segment.max() >= mapping.vocab_size else segment.min())
+            raise SequenceError(f"text id {bad} is outside the vocabulary ({mapping.vocab_size} ids)")
+        return segment.astype(np.int64), TEXT
+    if segment.ndim == 2:
+        return mapping.image_ids(segment), IMAGE
+    raise SequenceError(f"a segment is text ids (1-D) or an image grid (2-D), got shape {segment.shape} "
+                        "(clips are not composed)")
+
+
+def document_segments(document: dict, files: Mapping[str, bytes]) -> tuple[list[np.ndarray], list[str]]:
+    """A document's segments in reading order, with their names ("text slot 0", "image slot 2"):
+    every text segment's ids and every kept image's grid (see the module docstring)."""
+    kept = set(doc.live_images(document))
+    segments: list[np.ndarray] = []
+    names: list[str] = []
+    text = image = 0
+    for seg in doc.segments(document):
+        if seg.get("type") == doc.TEXT:
+            name, member, stage, use = f"text slot {text}", doc.text_member(text, TEXT_IDS), "text", True
+            text += 1
+        elif seg.get("type") == doc.IMAGE:
+            name, member, stage = f"image slot {image}", doc.image_member(image, IMAGE_IDS), "image"
+            use = image in kept
+            image += 1
+        else:
+            continue
+        if not use:
+            continue
+        if member not in files:
+            raise SequenceError(f"{name} has no {member} (the {stage} stage runs first, on each "
+                                f"{'kept image' if stage == 'image' else 'text segment'})")
+        try:
+            segments.append(read_npy(files[member]))
+        except ValueError as e:
+            raise SequenceError(f"{name}: {member} is not a valid .npy: {e}") from None
+        names.append(name)
+    return segments, names
 
 
 def decompose(ids: np.ndarray, spans: np.ndarray, mapping: VocabularyMapping) -> list[tuple[int, np.ndarray]]:
@@ -253,6 +304,7 @@ class SequenceStage(Stage):
 
     name = "tokenize_sequence"
     worker_state = ("_mapping", "_tokenizer")
+    document_view = None  # a document row is composed whole, from its slots' members
 
     def __init__(self, config: SequenceTokenizeConfig):
         super().__init__(config)
@@ -306,7 +358,7 @@ class SequenceStage(Stage):
         return self._fingerprint
 
     def segments(self, files: dict[str, bytes]) -> list[np.ndarray]:
-        """A pair's segments in the configured order (documents will give more of them)."""
+        """A pair's segments in the configured order (documents: :func:`document_segments`)."""
         missing = [m for m in (TEXT_IDS, IMAGE_IDS) if m not in files]
         if missing:
             raise SequenceError(f"no {missing[0]} (the text and image stages run first)")
@@ -317,11 +369,17 @@ class SequenceStage(Stage):
         self.setup()
         fp_id = self.fingerprint()["id"]
         done, lengths = [], []
+        documents = batch.get(schema.DOCUMENT)
         for i in schema.alive(batch):
             files = batch[schema.FILES][i]
+            document = documents[i] if documents is not None else None
             try:
-                ids, spans = compose(self.segments(files), self._mapping)
-            except SequenceError as e:
+                if isinstance(document, dict):
+                    segments, names = document_segments(document, files)
+                    ids, spans = compose(segments, self._mapping, names)
+                else:
+                    ids, spans = compose(self.segments(files), self._mapping)
+            except ValueError as e:  # SequenceError, or a member that is not a valid .npy
                 schema.mark(batch, i, ErrorKind.STAGE_ERROR, f"{self.name}: {e}")
                 continue
             files[SEQUENCE] = npy_bytes(ids.astype(self._dtype))

@@ -145,6 +145,7 @@ def load_text_tokenizer(config: TextTokenizeConfig) -> TextTokenizer:
 class TextTokenizeStage(Stage):
     name = "tokenize_text"
     worker_state = ("_tokenizer",)
+    document_view = "text"  # on documents: each text segment, its ids in member text_NNN.text_ids.npy
 
     def __init__(self, config: TextTokenizeConfig):
         super().__init__(config)

@@ -84,6 +84,7 @@ def prefetch(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: in
 class VisualTokenizeStage(ModelStage):
     name = "tokenize_image"
     worker_state = ("_model", "_pool")
+    document_view = "image"  # on documents: each kept image, its ids in member image_NNN.image_ids.npy
 
     def __init__(self, config: ImageTokenizeConfig):
         super().__init__(config)

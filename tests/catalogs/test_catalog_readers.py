@@ -20,12 +20,12 @@ def sample(name: str) -> list[str]:
     return files
 
 
-def read(name: str, files=None, **spec) -> dict[str, list]:
-    """All chunks of a card's sample, concatenated."""
+def read(name: str, files=None, documents=None, **spec) -> dict[str, list]:
+    """All chunks of a card's sample, concatenated (``documents``: see read_rows)."""
     input_spec = types.SimpleNamespace(**{"url_col": "url", "caption_col": "caption",
                                           "save_additional_columns": [], "format": None, **spec})
     out: dict[str, list] = {}
-    chunks = list(read_rows(load_card(name), files or sample(name), input_spec, batch_rows=2))
+    chunks = list(read_rows(load_card(name), files or sample(name), input_spec, batch_rows=2, documents=documents))
     for chunk in chunks:
         n = len(next(iter(chunk.values())))
         assert all(len(v) == n for v in chunk.values()), "columns of a chunk differ in length"
@@ -116,7 +116,7 @@ def test_internvid_timestamps_and_youtube_ids():
 
 
 def test_obelics_one_row_per_image_with_document_and_position():
-    rows = read("obelics")
+    rows = read("obelics", documents=False)  # the pair layout; documents: test_document_readers.py
     assert rows["url"] == ["https://example.com/ob/cat.jpg", "https://example.com/ob/dog.jpg"]
     assert rows["position"] == [0, 2]
     assert rows["doc_id"] == ["https://example.com/pets"] * 2
@@ -124,7 +124,7 @@ def test_obelics_one_row_per_image_with_document_and_position():
 
 
 def test_mmc4_zipped_documents_one_row_per_image():
-    rows = read("mmc4")
+    rows = read("mmc4", documents=False)
     assert rows["url"] == ["http://example.com/honda/index.90.jpg", "http://example.com/honda/index.91.jpg"]
     assert rows["caption"] == ["The tailgate locks at the same time.", "Press the master switch to lock all doors."]
     assert rows["position"] == [2, 1]
@@ -144,7 +144,7 @@ def test_a_file_of_another_layout_fails_with_its_columns():
 
 def test_a_card_without_reader_says_so():
     with pytest.raises(ConfigError, match="not confirmed"):
-        read("omnicorpus", files=sample("obelics"))
+        read("mint-1t", files=sample("obelics"))
 
 
 def test_local_folder_copy_uses_the_card_patterns(tmp_path):
@@ -214,7 +214,7 @@ def test_hub_dataset_loads_with_datasets_from_the_same_cache(offline_hub, tmp_pa
 
     part = Path(sample("obelics")[0])
     _hub_cache(offline_hub, "HuggingFaceM4/OBELICS", {"data/train-00000-of-00001.parquet": part})
-    rows = read("obelics", files=["HuggingFaceM4/OBELICS"])
+    rows = read("obelics", files=["HuggingFaceM4/OBELICS"], documents=False)
     assert rows["position"] == [0, 2]
     root = snapshot_download("HuggingFaceM4/OBELICS", repo_type="dataset", local_files_only=True)
     ds = datasets.load_dataset("parquet", data_files=f"{root}/data/*.parquet", split="train",

@@ -186,6 +186,32 @@ def test_video_spec_validation(tmp_path):
         job_spec(tmp_path, {"crf": 60})
     with pytest.raises(ConfigError, match="video.resolution"):
         job_spec(tmp_path, {"resolution": 0})
+    with pytest.raises(ConfigError, match=r"video.audio_rate: must be one of the AAC rates .*got 12345"):
+        job_spec(tmp_path, {"audio_rate": 12345})
+    with pytest.raises(ConfigError, match=r"video.audio_channels: .*got 6"):
+        job_spec(tmp_path, {"audio_channels": 6})
+
+
+# -- audio and rotation --------------------------------------------------------------------------
+def test_audio_and_rotation_reach_the_row(tmp_path):
+    from pipeline.testing.video_synth import write_counter_video
+
+    files = {"phone.mp4": write_counter_video(tmp_path / "phone.mp4", 50, rotation=90, audio_rate=48000),
+             "talk.mp4": write_counter_video(tmp_path / "talk.mp4", 50, audio_rate=44100),
+             "mute.mp4": write_counter_video(tmp_path / "mute.mp4", 50)}
+    with LocalServer({name: path.read_bytes() for name, path in files.items()}, content_type="video/mp4") as srv:
+        rows = [(srv.url("phone.mp4"), 0.0, 1.0), (srv.url("talk.mp4"), 0.0, 1.0), (srv.url("mute.mp4"), 0.0, 1.0)]
+        batch = download_stage(job_spec(tmp_path, {"audio_rate": 16000, "audio_channels": 1})).process(make_batch(rows))
+        off = download_stage(job_spec(tmp_path, {"audio": False})).process(make_batch(rows[1:2]))
+    assert batch["status"] == [schema.SUCCESS] * 3, batch["error_message"]
+    audio = [(batch["audio_codec"][i], batch["audio_rate"][i], batch["audio_channels"][i]) for i in range(3)]
+    assert audio == [("aac", 16000, 1), ("aac", 16000, 1), (None, None, None)]
+    # the phone video is stored 96x128 and shown 128x96: every size is the shown one, the clip upright
+    assert (batch["width"][0], batch["height"][0], batch["original_width"][0], batch["original_height"][0]) \
+        == (128, 96, 128, 96)
+    assert batch["cut"] == ["reencode", "remux", "remux"]  # resampled audio beside a copied video
+    assert [c for _, c in decoded(batch["files"][0]["mp4"])] == list(range(25))
+    assert (off["status"][0], off["audio_codec"][0], off["cut"][0]) == (schema.SUCCESS, None, "remux")
 
 
 # -- yt-dlp backend ------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_sigkill_mid_job_then_rerun_gives_identical_shards(tmp_path, server, ref
     downloads.mkdir()
     path = job_file(tmp_path, server, "killed", tmp_dir=str(downloads))
     out = tmp_path / "killed"
-    kill_then_rerun(path, out, reference, attempts=4, seed=2, pause=(1.5, 3.0))
+    kill_then_rerun(path, out, reference, attempts=4, seed=2)
     assert status_tables(out) == status_tables(reference)
     assert not list(downloads.iterdir())  # what the killed runs left was swept
     # and the clips hold the frames of their spans

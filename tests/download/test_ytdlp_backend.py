@@ -305,3 +305,60 @@ def test_rate_and_caps_reach_ytdlp(tmp_path):
         (0.5, 1_000_000, 2, True)
     with pytest.raises(Exception, match="ytdlp_rate"):
         job_spec(tmp_path, {"ytdlp_rate": 0})
+
+
+# -- bare ids in plain URL lists -----------------------------------------------------------------
+def planned_rows(tmp_path: Path, lines: list[str], media: str = "video", video: dict | None = None):
+    """The rows of a .txt URL list as the job's input shards hold them."""
+    from pipeline.download.ytdlp import bare_ids
+    from pipeline.sources.shards import plan_shards, table_chunks
+
+    (tmp_path / "urls.txt").write_text("".join(f"{line}\n" for line in lines))
+    spec = load_job(data={"input": {"files": [str(tmp_path / "urls.txt")], "caption_col": None},
+                          "download": {"media": media, "allow_private_addresses": True, "timeout": 10},
+                          "video": {"ytdlp_rate": None, **(video or {})}})
+    accepted = bare_ids(spec.download.media, ytdlp_options(spec))
+    [shard] = plan_shards(table_chunks([str(tmp_path / "urls.txt")], spec.input), 100, bare_ids=accepted)
+    return spec, shard.batch
+
+
+def test_bare_youtube_ids_in_a_url_list_reach_ytdlp(youtube, server, tmp_path):
+    youtube["vidBAREID01"] = "plain.mp4"
+    spec, batch = planned_rows(tmp_path, ["vidBAREID01", "hello", server.url("bframes.mp4")])
+    assert batch["status"] == [schema.PENDING, schema.INVALID_INPUT, schema.PENDING]
+    assert batch["error_kind"][1] == "bad_scheme"  # a bare word that is no id is still refused
+    batch = download_stage(spec).process(batch)
+    assert batch["status"] == [schema.SUCCESS, schema.INVALID_INPUT, schema.SUCCESS], batch["error_message"]
+    assert youtube.extracted == ["vidBAREID01"]
+    assert batch["source_url"][0] == "https://www.youtube.com/watch?v=vidBAREID01"
+    assert len(counters(batch, 0)) == 100  # the whole video behind the id
+
+
+@pytest.mark.parametrize("media, video", [("image", None), ("video", {"backend": "http"})])
+def test_bare_ids_are_refused_where_no_ytdlp_fetches_them(tmp_path, media, video):
+    _, batch = planned_rows(tmp_path, ["vidBAREID02"], media, video)
+    assert (batch["status"], batch["error_kind"]) == ([schema.INVALID_INPUT], ["bad_scheme"])
+
+
+def test_the_default_format_merges_the_audio_only_when_clips_keep_it_and_ffmpeg_is_there(monkeypatch):
+    from pipeline.download import ytdlp
+
+    monkeypatch.setattr(ytdlp, "ffmpeg_location", lambda: "/usr/bin/ffmpeg")
+    assert ytdlp.format_selector(audio=True).startswith("bv*[ext=mp4]+ba[ext=m4a]")
+    assert "+" not in ytdlp.format_selector(audio=False)
+    monkeypatch.setattr(ytdlp, "ffmpeg_location", lambda: None)
+    assert "+" not in ytdlp.format_selector(audio=True)  # no merge without ffmpeg: one file with sound, or none
+
+
+def test_the_job_passes_its_own_format_or_the_default_for_its_audio_setting(tmp_path):
+    from pipeline.download.ytdlp import format_selector
+    from pipeline.job.build import ytdlp_options
+    from pipeline.job.spec import load_job
+
+    base = {"name": "yt", "input": {"files": [str(tmp_path / "ids.txt")]}, "download": {"media": "video"},
+            "output": {"dir": str(tmp_path / "out")}}
+    assert ytdlp_options(load_job(data=base)).format == format_selector(True)
+    silent = load_job(data={**base, "video": {"audio": False}})
+    assert ytdlp_options(silent).format == format_selector(False)
+    own = load_job(data={**base, "video": {"ytdlp_format": "worst"}})
+    assert ytdlp_options(own).format == "worst"

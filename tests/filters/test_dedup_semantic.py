@@ -345,6 +345,6 @@ def test_kill_9_and_rerun_gives_the_same_kept_set(tmp_path, server):
     reference = job_path(tmp_path / "ref", server)
     assert run_job(load_job(reference)).ok
     path = job_path(tmp_path, server, name="killed")
-    kill_then_rerun(path, tmp_path / "killed", tmp_path / "ref" / "semantic", attempts=4, seed=3, pause=(6, 14))
+    kill_then_rerun(path, tmp_path / "killed", tmp_path / "ref" / "semantic", attempts=4, seed=3)
     kept = [job_table(d) for d in (tmp_path / "killed", tmp_path / "ref" / "semantic")]
     assert kept[0]["status"] == kept[1]["status"] and kept[0]["semantic_group"] == kept[1]["semantic_group"]

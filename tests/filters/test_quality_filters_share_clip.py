@@ -33,6 +33,8 @@ def test_the_report_draws_each_new_score_with_its_threshold():
     assert {c: (s.computed, s.marks) for c, s in result.scores.items()} == {
         "aesthetic_score": (True, [(5.0, "min 5")]),
         "nsfw_score": (True, [(0.2, "top 90% → 0.200")]),
+        "aesthetic_scores": (True, [(5.0, "min 5")]),
+        "nsfw_scores": (True, [(0.2, "top 90% → 0.200")]),
         "watermark_score": (True, [(0.5, "max 0.5")]),
         "language_score": (True, [(0.6, "min_score 0.6")]),
         "semantic_similarity": (True, [(0.9, "threshold 0.9")]),

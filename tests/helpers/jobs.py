@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -68,23 +69,51 @@ def tars(out_dir) -> dict[str, bytes]:
     return {name: directory.read_bytes(name) for name in directory.names("*.tar")}
 
 
+def samples(out_dir: Path) -> dict[str, dict[str, bytes]]:
+    """``{key: {extension: bytes}}`` of every sample in an output directory's tars."""
+    found: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted(Path(out_dir).glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                key, _, ext = m.name.partition(".")
+                found.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return found
+
+
 def status_tables(out_dir: Path) -> list[dict]:
     """Every status table of an output directory, in shard order, without ``error_message``."""
     return [pq.read_table(p).drop(["error_message"]).to_pydict() for p in sorted(out_dir.glob("*.parquet"))]
 
 
-def kill_then_rerun(job_file: Path, out, reference: Path, *, attempts: int, seed: int,
-                    pause: tuple[float, float]) -> None:
-    """Start ``mmcurate run job_file`` up to ``attempts`` times, each killed with SIGKILL after a
-    pause drawn (seeded) from ``pause``; after each kill, whatever is under a final name in ``out``
-    is complete and already identical to ``reference``. At least one run must have been killed.
-    Then one run to the end: ``out`` holds the same tars as ``reference``."""
+def complete_shards(out_dir) -> int:
+    """How many shards of an output directory (a path or a URL) are committed (their stats)."""
+    try:
+        return len(Directory(out_dir).names("*_stats.json"))
+    except (FileNotFoundError, OSError):
+        return 0  # not created yet
+
+
+def kill_then_rerun(job_file: Path, out, reference: Path, *, attempts: int, seed: int) -> None:
+    """Start ``mmcurate run job_file`` up to ``attempts`` times, each killed with SIGKILL at a moment
+    drawn (seeded): once the output holds a drawn number of complete shards, fewer than the job
+    writes, and a drawn fraction of a second later (the middle of a write, of a fetch, of start-up).
+    The job's progress, not the clock, decides, so a fast machine kills it as surely as a slow one.
+    After each kill whatever is under a final name in ``out`` is complete and already identical to
+    ``reference``. At least one run must have been killed. Then one run to the end: ``out`` holds
+    the same tars as ``reference``."""
     cmd = [sys.executable, "-m", "pipeline", "run", str(job_file), "--no-progress"]
     rng = random.Random(seed)
+    total = len(tars(reference))
     kills = 0
     for _ in range(attempts):
+        done = complete_shards(out)
+        if done >= total - 1:
+            break  # no shard left to kill a run in the middle of
+        target, extra = rng.randint(done, total - 2), rng.uniform(0.0, 0.2)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(*pause))
+        while proc.poll() is None and complete_shards(out) < target:
+            time.sleep(0.02)
+        time.sleep(extra)
         if proc.poll() is not None:
             assert proc.returncode == 0, proc.stderr.read().decode()
             break
@@ -93,6 +122,6 @@ def kill_then_rerun(job_file: Path, out, reference: Path, *, attempts: int, seed
         kills += 1
         for name, data in tars(out).items():
             assert data == tars(reference)[name], f"{name} differs after a kill"
-    assert kills >= 1, "the job finished before it could be killed; slow it down"
+    assert kills >= 1, "the job finished before it could be killed"
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     assert tars(out) == tars(reference)

@@ -5,12 +5,14 @@ plus ``tokenizer_config.json``, with the models' real token names: Emu3's
 ``<|visual token NNNNNN|>``, ``<|image start|>``, ``<|image end|>``, ``<|image token|>``,
 ``<|extra_200|>`` (EOL), ``<|extra_201|>`` (EOF), bos ``<|extra_203|>``, eos ``<|extra_204|>``
 and the ``boi_token`` ... entries of ``BAAI/Emu3-Gen-hf``'s tokenizer config; Chameleon's
-``IMGIMG<code as letters A..J>Z``, ``<racm3:break>``, ``<eoss>``, ``<image>``.
+``IMGIMG<code as letters A..J>Z``, ``<racm3:break>``, ``<eoss>``, ``<image>``. Also document
+batches in the ``pipeline.core.document`` form, as the download stage leaves them.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
 
 CORPUS = ["a photo of a cat on a red sofa", "the quick brown fox jumps over the lazy dog",
           "caption 12 of a dog in 32*32 pixels", "sunset over the sea, with boats"]

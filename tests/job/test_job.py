@@ -90,7 +90,7 @@ def valid_tar(data: bytes) -> bool:
 def test_sigkill_at_any_moment_then_rerun_gives_identical_shards(tmp_path, server, reference):
     path = job_file(tmp_path, server, "killed", download__concurrency=2)
     out = tmp_path / "killed"
-    kill_then_rerun(path, out, reference, attempts=6, seed=1, pause=(1.0, 3.5))
+    kill_then_rerun(path, out, reference, attempts=6, seed=1)
     assert not list(out.glob(".*.tmp"))
     assert status_tables(out) == status_tables(reference)
 

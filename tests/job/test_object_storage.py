@@ -72,5 +72,5 @@ def test_memory_output_is_refused_where_workers_cannot_share_it(tmp_path, server
 
 def test_a_driver_killed_at_any_moment_resumes_from_s3(tmp_path, server, reference, s3):
     path = job_file(tmp_path, server, "killed", output__dir=s3.url("jobs/k"), download__concurrency=2)
-    kill_then_rerun(path, s3.url("jobs/k"), reference, attempts=4, seed=2, pause=(2.0, 4.0))
+    kill_then_rerun(path, s3.url("jobs/k"), reference, attempts=4, seed=2)
     assert not s3.client().list_multipart_uploads(Bucket="mmcurate-test").get("Uploads")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
+from helpers.jobs import samples
 from helpers.sequence_fixtures import save_emu3_tokenizer
 from helpers.tokenize_fixtures import pairs_server, tokenize_job
 from pipeline.job.runner import run_job
@@ -37,25 +37,15 @@ def job_output(tmp_path_factory):
     return tmp / "out", tokenizer, tokenize, captions
 
 
-def members(out):
-    found = {}
-    for tar_path in sorted(out.glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for m in tar.getmembers():
-                key, _, ext = m.name.partition(".")
-                found.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return found
-
-
 def test_job_writes_sequences_that_decode_back(job_output):
     out, tokenizer, tokenize, captions = job_output
     tok = AutoTokenizer.from_pretrained(tokenizer)
     mapping = build_tokenizers(tokenize, check=True)[2].mapping
     fp = json.loads((out / "manifest.json").read_text())["fingerprints"]["tokenize_sequence"]
     assert (fp["mapping"], fp["ids_dtype"], fp["order"]) == ("emu3", "uint16", "text_first")
-    samples = members(out)
-    assert len(samples) == N - 1
-    for key, files in samples.items():
+    written = samples(out)
+    assert len(written) == N - 1
+    for key, files in written.items():
         seq, spans = np.load(io.BytesIO(files["sequence.npy"])), np.load(io.BytesIO(files["spans.npy"]))
         meta = json.loads(files["json"])
         assert seq.dtype == np.uint16 and meta["sequence_length"] == len(seq) and meta["sequence_tokenizer"] == fp["id"]
@@ -69,7 +59,7 @@ def test_job_writes_sequences_that_decode_back(job_output):
 
 def test_the_loader_packs_the_job_sequences(job_output):
     out, *_ = job_output
-    lengths = {k: len(np.load(io.BytesIO(f["sequence.npy"]))) for k, f in members(out).items()}
+    lengths = {k: len(np.load(io.BytesIO(f["sequence.npy"]))) for k, f in samples(out).items()}
     covered: dict[str, int] = {}
     for rank in (0, 1):
         ds = ShardDataset(out, fields={"sequence": "sequence.npy", "spans": "spans.npy"}, rank=rank, world_size=2)
