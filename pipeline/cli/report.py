@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cli import report_scores
 from pipeline.cli.inspect import open_output
-from pipeline.core import schema
+from pipeline.core import document, schema
 from pipeline.sinks.storage import Directory
 
 SHARD_STATS = re.compile(r"^(\d{5,})_stats\.json$")
@@ -116,11 +116,15 @@ def _histograms() -> dict[str, Histogram]:
         # video outputs only (left out of the page elsewhere): 0.1 s to 1 h
         DURATION: Histogram("Clip duration", "seconds", np.geomspace(0.1, 3600, 97), log_x=True,
                             note="per clip: each scene of a row cut into scenes"),
+        # document outputs only
+        IMAGES: Histogram("Images per document", "image slots", np.arange(0, 66, 1) - 0.5,
+                          note="kept or dropped: the document; sizes and aspect ratios above are per image"),
     }
 
 
 DURATION, SCENES = "duration", "scenes"  # the video stage's columns
-VIDEO_ONLY = (DURATION,)  # histograms an output without videos leaves out
+IMAGES = "images_total"                  # the document stage's column
+OPTIONAL = (DURATION, IMAGES)  # histograms an output without videos, or without documents, leaves out
 
 
 def _per_row(table: pa.Table, values: Optional[np.ndarray]) -> Optional[tuple[np.ndarray, np.ndarray]]:
@@ -159,6 +163,26 @@ def _clip_durations(table: pa.Table) -> Optional[tuple[np.ndarray, np.ndarray]]:
                - pc.struct_field(clips, "start").to_numpy(zero_copy_only=False).astype(np.float64))
     plain = np.setdiff1d(rows, parents)  # rows with one clip (a span, or no scene cut)
     return np.concatenate([per_row[plain], seconds]), np.concatenate([plain, parents])
+
+
+def _document_values(table: pa.Table, kept: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """A document output's sizes and aspect ratios per image (kept: the image is in a kept
+    document) and its text's words per document, from the ``document`` column; none elsewhere."""
+    if schema.DOCUMENT not in table.column_names:
+        return []
+    sizes, aspects, image_kept, words = [], [], [], []
+    for row, value in enumerate(table.column(schema.DOCUMENT).to_pylist()):
+        doc = document.as_document(value) if value else {}
+        words.append(len(document.full_text(doc).split()))
+        for seg in document.image_slots(doc):
+            w, h = seg.get(schema.ORIGINAL_WIDTH), seg.get(schema.ORIGINAL_HEIGHT)
+            if w and h:
+                sizes.append(max(w, h))
+                aspects.append(w / h)
+                image_kept.append(bool(kept[row]) and seg.get(schema.STATUS) == schema.SUCCESS)
+    image_kept = np.array(image_kept, dtype=bool)
+    return [("size", np.array(sizes, np.float64), image_kept), ("aspect", np.array(aspects, np.float64), image_kept),
+            ("caption", np.array(words, np.float64), kept)]
 
 
 def _column(table: pa.Table, name: str) -> Optional[np.ndarray]:
@@ -231,10 +255,12 @@ def summarize(output_dir: str | Path | Directory, storage_options: Optional[dict
         for key, values in (*score_values, ("caption", _per_row(table, _words(table))),
                             ("size", _per_row(table, None if width is None else np.fmax(width, height))),
                             ("aspect", _per_row(table, None if width is None else width / height)),
-                            (DURATION, _clip_durations(table))):
+                            (DURATION, _clip_durations(table)), (IMAGES, _per_row(table, _column(table, IMAGES)))):
             if values is not None:
                 h[key].add(values[0], kept[values[1]])
-    for key in VIDEO_ONLY:
+        for key, values, kept_values in _document_values(table, kept):
+            h[key].add(values, kept_values)
+    for key in OPTIONAL:
         if not h[key].total:
             del h[key]
     return summary
@@ -243,7 +269,7 @@ def summarize(output_dir: str | Path | Directory, storage_options: Optional[dict
 def _status_table(directory: Directory, name: str, scores: list[str]) -> pa.Table:
     """The columns of one status table the report draws (those it has)."""
     wanted = [schema.STATUS, schema.CAPTION, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, DURATION,
-              schema.CLIP_START, schema.CLIP_END, SCENES, *scores]
+              schema.CLIP_START, schema.CLIP_END, SCENES, schema.DOCUMENT, IMAGES, *scores]
     return _read(directory, name, wanted)
 
 

@@ -12,6 +12,8 @@ import yaml
 from PIL import Image
 
 from pipeline.cli.inspect import render, summarize
+from pipeline.cli.report import render as report_render
+from pipeline.cli.report import summarize as report_summary
 from pipeline.cli.main import main
 from pipeline.core.config import ConfigError
 from pipeline.core.document import SegmentStage
@@ -103,6 +105,14 @@ def test_a_document_job_writes_one_sample_per_document(tmp_path, server):
     summary = summarize(out)
     assert summary["successes"] == 2 and summary["examples"][0]["files"].keys() == {"image_000.jpg"}
     assert "image_000.jpg" in render(summary) and "1/3 images" in render(summary)
+
+
+    report = report_summary(out)  # per image: sizes of the fetched ones; per document: words, slots
+    size, words, slots = (report.histograms[k] for k in ("size", "caption", "images_total"))
+    assert (size.total, int(size.kept.sum())) == (6, 3)  # 6 fetched (the dead have no size); kept: big1, big2, big1
+    assert (words.total, int(words.kept.sum())) == (4, 2)
+    assert (slots.total, int(slots.kept.sum())) == (4, 2)
+    assert "Images per document" in report_render(report)
 
 
 def test_all_images_and_min_images_come_from_the_documents_section(tmp_path, server):
