@@ -165,6 +165,21 @@ def _clip_durations(table: pa.Table) -> Optional[tuple[np.ndarray, np.ndarray]]:
     return np.concatenate([per_row[plain], seconds]), np.concatenate([plain, parents])
 
 
+def _segment_scores(table: pa.Table, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """A document output's per-image scores (``clip_score`` of image 2 is a field of its segment):
+    per score its values, the row of each, and whether the image itself is kept."""
+    found: dict[str, tuple[list, list, list]] = {n: ([], [], []) for n in names}
+    if schema.DOCUMENT in table.column_names:
+        for row, value in enumerate(table.column(schema.DOCUMENT).to_pylist()):
+            for seg in document.image_slots(document.as_document(value) if value else {}):
+                for name in names:
+                    if isinstance(seg.get(name), (int, float)):
+                        found[name][0].append(float(seg[name]))
+                        found[name][1].append(row)
+                        found[name][2].append(seg.get(schema.STATUS) == schema.SUCCESS)
+    return {n: (np.array(v, np.float64), np.array(r, np.int64), np.array(k, bool)) for n, (v, r, k) in found.items() if v}
+
+
 def _document_values(table: pa.Table, kept: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """A document output's sizes and aspect ratios per image (kept: the image is in a kept
     document) and its text's words per document, from the ``document`` column; none elsewhere."""
@@ -260,6 +275,8 @@ def summarize(output_dir: str | Path | Directory, storage_options: Optional[dict
                 h[key].add(values[0], kept[values[1]])
         for key, values, kept_values in _document_values(table, kept):
             h[key].add(values, kept_values)
+        for key, (values, rows, image_kept) in _segment_scores(table, list(drawn)).items():
+            h[key].add(values, kept[rows] & image_kept)
     for key in OPTIONAL:
         if not h[key].total:
             del h[key]
@@ -287,9 +304,10 @@ def _score_histograms(directory: Directory, tables: list[str],
     lo: dict[str, float] = {}
     hi: dict[str, float] = {}
     for name in tables if plan.scores else ():
-        table = _read(directory, name, list(plan.scores))
+        table = _read(directory, name, [*plan.scores, schema.DOCUMENT])
+        in_segments = _segment_scores(table, list(plan.scores))
         for column, score in plan.scores.items():
-            flat = _list_column(table, column) if score.per_clip else None
+            flat = _list_column(table, column) if score.per_clip else in_segments.get(column)
             values = flat[0] if flat is not None else None if score.per_clip else _column(table, column)
             values = values[np.isfinite(values)] if values is not None else values
             if values is not None and len(values):
