@@ -65,7 +65,24 @@ def job_data(args: argparse.Namespace) -> dict[str, Any]:
                             "filters": [parse_filter(f) for f in args.filter]}
     if args.engine:
         data["execution"] = {"engine": args.engine}
+    source = source_job(args.input)
+    if source.get("download", {}).get("media") == "document":  # its filters run per image, per document
+        data["download"] = {"media": "document"}
+        data["documents"] = source.get("documents", {})
     return data
+
+
+def source_job(location: str) -> dict[str, Any]:
+    """The job spec that wrote ``location`` (an mmcurate output's manifest.json), else {} (shards
+    of another tool, a glob, a pattern)."""
+    import json
+
+    from pipeline.sinks.storage import Directory
+
+    try:
+        return json.loads(Directory(location).read_bytes("manifest.json")).get("job", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def run(args: argparse.Namespace) -> int:

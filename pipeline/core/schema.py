@@ -73,6 +73,12 @@ VIDEO_EXTENSIONS = ("mp4",)
 MEDIA_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
 
 
+def is_media(ext: str) -> bool:
+    """Whether a member extension is media: ``jpg``, a document's ``image_003.jpg``, a video's
+    ``clip_001.mp4``."""
+    return ext.rpartition(".")[2] in MEDIA_EXTENSIONS
+
+
 def image_of(files: dict[str, bytes]) -> Optional[bytes]:
     """The bytes of a sample's image member, or None when it has none."""
     for ext in IMAGE_EXTENSIONS:

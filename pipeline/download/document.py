@@ -136,7 +136,7 @@ class DocumentCountStage(Stage):
 
     @property
     def columns(self) -> dict[str, str]:
-        return dict(COUNT_COLUMNS)
+        return {**COUNT_COLUMNS, schema.DOCUMENT: "string"}  # also where no download ran (input.shards)
 
     def process(self, batch: Batch) -> Batch:
         count_images(batch)

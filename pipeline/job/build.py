@@ -164,7 +164,7 @@ def check_input_columns(spec: JobSpec) -> None:
         from catalogs.readers import reader_layout
 
         reader_layout(load_card(spec.input.catalog), documents=spec.download.media == "document")
-    elif spec.download.media == "document":
+    elif spec.download.media == "document" and not spec.input.shards:
         for path in input_files(spec):
             for chunk in iter_records(path, spec.input.format, columns=[schema.DOCUMENT], batch_rows=1,
                                       storage_options=spec.input.storage_options):

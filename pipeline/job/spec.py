@@ -192,7 +192,8 @@ class VideoSpec:
 @dataclass
 class DocumentsSpec:
     """Interleaved documents (``download.media: document``): rows with a ``document`` column (a
-    catalog card's document reader, or jsonl/parquet rows in the form of pipeline.core.document).
+    catalog card's document reader, jsonl/parquet rows in the form of pipeline.core.document, or
+    the shards of a document output: ``input.shards``, nothing fetched).
     A document keeps its failed images as slots with their status; it is dropped (too_few_images,
     or filtered by the filter whose rejections left too few) when fewer than ``min_images`` images
     are left, or, with ``all_images``, when any image failed. A document with more image slots than
@@ -260,9 +261,6 @@ class JobSpec:
     def validate(self) -> None:
         if self.output.layout == "sidecar" and not self.input.shards:
             raise ConfigError("output.layout: 'sidecar' writes fields aligned with existing shards; it needs input.shards")
-        if self.download.media == "document" and self.input.shards:
-            raise ConfigError("download.media: 'document' fetches the images of document rows; input.shards "
-                              "holds samples already downloaded (use input.files or input.catalog)")
         if self.download.verify_hash and not self.input.hash_col:
             raise ConfigError(f"download.verify_hash: {self.download.verify_hash!r} needs input.hash_col, "
                               "the column holding each file's hash")

@@ -226,7 +226,7 @@ def _plain(value: Any) -> Any:
 def _member_order(ext: str) -> tuple[int, str]:
     """Media first (a document's ``image_NNN.jpg`` and a video's ``clip_NNN.mp4`` too), then txt
     and json, then stage outputs by name."""
-    if ext.rpartition(".")[2] in schema.MEDIA_EXTENSIONS:
+    if schema.is_media(ext):
         return (0, ext)
     return ({"txt": 1, "json": 2}.get(ext, 3), ext)
 

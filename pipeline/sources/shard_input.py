@@ -195,7 +195,7 @@ def tar_rows(tar: str, storage_options: Optional[dict[str, Any]] = None, media_o
         if cols is None:
             continue
         files = {e: b for e, b in members.items()
-                 if e not in REGENERATED and (not media_only or e in schema.MEDIA_EXTENSIONS)}
+                 if e not in REGENERATED and (not media_only or schema.is_media(e))}
         yield {**cols, schema.FILES: files, schema.INPUT_MEMBERS: tuple(sorted(files)),
                SOURCE_KEY: os.path.basename(key), SOURCE_SHARD: tar}
 
@@ -255,7 +255,7 @@ def _shard(shard_id: int, rows: list[dict], keys: list[str]) -> InputShard:
         else:
             batch[name] = [r.get(name) if name in raw else _json_value(r.get(name)) for r in rows]
     for i, r in enumerate(rows):
-        if not any(e in schema.MEDIA_EXTENSIONS for e in r[schema.FILES]):
+        if not any(schema.is_media(e) for e in r[schema.FILES]):
             schema.mark(batch, i, ErrorKind.MALFORMED_ROW,
                         f"sample {r.get(SOURCE_KEY, batch[schema.KEY][i])} of the input shards has no image or video member "
                         f"(members read: {', '.join(r[schema.INPUT_MEMBERS]) or 'none'})")

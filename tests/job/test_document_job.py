@@ -141,13 +141,6 @@ def test_bad_documents_options_name_the_key(tmp_path, server, documents, message
         load_job(job(tmp_path, server, [], **documents))
 
 
-def test_a_document_job_over_existing_shards_is_refused(tmp_path, server):
-    data = yaml.safe_load(job(tmp_path, server, []).read_text())
-    data["input"] = {"shards": [str(tmp_path / "old")]}
-    with pytest.raises(ConfigError, match="download.media: 'document' fetches the images of document rows"):
-        load_job(data=data)
-
-
 def test_a_rerun_writes_the_same_bytes(tmp_path, server):
     docs = [document(server, "big1.png", "small.png", "dead.png"), document(server, "big2.png", "big1.png")]
     path = job(tmp_path, server, docs)
