@@ -51,7 +51,7 @@ class DocumentPlan:
         texts, images = self.texts.resolve(row), self.images.resolve(row)
         for path, value in ((self.texts, texts), (self.images, images)):
             if value is not None and not isinstance(value, (list, tuple)):
-                return None, f"{path.text!r} is not a list: {_short(value)}"
+                return None, f"{path.text!r} is not a list: {short(value)}"
         texts, images = list(texts or []), list(images or [])
         if self.spec.order == "matched":
             segments, why = self._matched(row, texts, images)
@@ -87,7 +87,7 @@ class DocumentPlan:
         for j in range(len(images)):
             k = self.match.resolve({**row, "@index": j})
             if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(texts):
-                return [], (f"{self.match.text!r} of image {j} is {_short(k)}, not the index of one of "
+                return [], (f"{self.match.text!r} of image {j} is {short(k)}, not the index of one of "
                             f"the document's {len(texts)} sentences")
             by_sentence.setdefault(k, []).append(j)
         segments: list[dict] = []
@@ -109,6 +109,7 @@ class DocumentPlan:
         return segment
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut to 80 characters."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."

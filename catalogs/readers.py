@@ -29,7 +29,7 @@ from pipeline.core.config import ConfigError
 from pipeline.sources.formats import FORMATS, INVALID, iter_records, undecodable_to_bytes
 
 from .card import TIME_COLUMNS, Card, Reader
-from .documents import DocumentPlan
+from .documents import DocumentPlan, short as _short
 from .locate import resolve_files
 from .rowpath import Path, compile_path
 from .timeparse import to_seconds
@@ -296,8 +296,3 @@ def _row_dicts(chunk: dict[str, list], n: int) -> list[dict[str, Any]]:
     names = list(chunk)
     cols = [chunk[k] for k in names]
     return [dict(zip(names, vals)) for vals in zip(*cols)] if names else [{} for _ in range(n)]
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."

@@ -258,8 +258,9 @@ def ytdlp_options(spec: JobSpec) -> Optional[YtdlpOptions]:
     if v.backend == "http":
         return None
     every_url = v.backend == "yt-dlp" or _card_media(spec) == "youtube"
-    return YtdlpOptions(format=v.ytdlp_format or format_selector(v.audio), timeout=d.timeout, max_bytes=d.max_bytes, retries=d.retries,
-                        user_agent=d.user_agent, every_url=every_url, sections=v.ytdlp_sections,
+    return YtdlpOptions(format=v.ytdlp_format or format_selector(v.audio), timeout=d.timeout,
+                        max_bytes=d.max_bytes, retries=d.retries, user_agent=d.user_agent, every_url=every_url,
+                        sections=v.ytdlp_sections,
                         force_keyframes_at_cuts=v.ytdlp_force_keyframes, concurrency=v.ytdlp_concurrency,
                         rate=v.ytdlp_rate, ratelimit=v.ytdlp_ratelimit, sleep_interval=v.ytdlp_sleep)
 
@@ -321,7 +322,8 @@ def build_stages(spec: JobSpec, check: bool = True) -> list[Stage]:
         return stages
     rule = document_rule(spec)
     stages = [s if s in media else for_documents(s, rule) for s in stages]
-    return stages + [DocumentCountStage()] if stages[-1] not in media else stages
+    later = len(stages) > len(early) + len(media)  # stages after the download may drop images
+    return stages + [DocumentCountStage()] if later else stages
 
 
 def column_types(stages: list[Stage]) -> dict[str, str]:

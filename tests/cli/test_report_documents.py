@@ -8,23 +8,21 @@ import json
 
 import pyarrow.parquet as pq
 
+from helpers.documents import document_job
+
 from pipeline.cli.report import summarize, write_report
 from pipeline.job.runner import run_job
 from pipeline.job.spec import load_job
 from pipeline.testing.assets import TINY_CLIP_CONFIG, TINY_CLIP_WEIGHTS
-from pipeline.testing.documents import DEFAULT_DOCUMENTS, document_images, write_obelics_parquet
+from pipeline.testing.documents import DEFAULT_DOCUMENTS, document_images
 from pipeline.testing.serve import LocalServer
 
 
 def test_the_report_draws_the_per_image_scores_of_documents(tmp_path):
     with LocalServer(document_images(), content_type="image/jpeg") as server:
         base = server.url("").rstrip("/")
-        spec = {"name": "docs", "input": {"catalog": "obelics", "files": [str(write_obelics_parquet(
-                    tmp_path / "train-00000-of-00001.parquet", base))]},
-                "download": {"media": "document", "image_size": 32, "allow_private_addresses": True, "timeout": 5},
-                "filters": [{"clip_score": {"model": str(TINY_CLIP_CONFIG), "pretrained": str(TINY_CLIP_WEIGHTS),
-                                            "min": 0.1}}],
-                "output": {"dir": str(tmp_path / "out")}, "execution": {"engine": "local", "progress": False}}
+        spec = document_job(tmp_path, base, filters=[{"clip_score": {
+            "model": str(TINY_CLIP_CONFIG), "pretrained": str(TINY_CLIP_WEIGHTS), "min": 0.1}}])
         assert run_job(load_job(data=spec)).ok
     segments = [s for row in pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()
                 for s in json.loads(row["document"])["segments"] if s["type"] == "image"]

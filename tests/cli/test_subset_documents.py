@@ -8,22 +8,19 @@ import json
 
 import pyarrow.parquet as pq
 
+from helpers.documents import document_job
 from helpers.jobs import samples
 from pipeline.cli.main import main
 from pipeline.job.runner import run_job
 from pipeline.job.spec import load_job
-from pipeline.testing.documents import document_images, write_obelics_parquet
+from pipeline.testing.documents import document_images
 from pipeline.testing.serve import LocalServer
 
 
 def test_subset_refilters_documents_from_their_shards(tmp_path):
     with LocalServer(document_images(), content_type="image/jpeg") as server:
         base = server.url("").rstrip("/")
-        spec = {"name": "docs", "input": {"catalog": "obelics", "files": [str(write_obelics_parquet(
-                    tmp_path / "train-00000-of-00001.parquet", base))]},
-                "download": {"media": "document", "image_size": 32, "allow_private_addresses": True, "timeout": 5},
-                "output": {"dir": str(tmp_path / "out")}, "execution": {"engine": "local", "progress": False}}
-        assert run_job(load_job(data=spec)).ok
+        assert run_job(load_job(data=document_job(tmp_path, base))).ok
     # the server is gone: a subset reads the tars only
     assert main(["subset", str(tmp_path / "out"), str(tmp_path / "sub"), "--no-progress",
                  "--filter", "image_count: {min: 3}", "--filter", "caption: {min_words: 3}"]) == 0

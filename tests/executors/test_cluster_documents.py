@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import yaml
 
+from helpers.documents import document_job
 from helpers.jobs import status_tables, tars
 from pipeline.job.runner import run_job
 from pipeline.job.spec import load_job
-from pipeline.testing.documents import DEFAULT_DOCUMENTS, Doc, Img, document_images, write_obelics_parquet
+from pipeline.testing.documents import DEFAULT_DOCUMENTS, Doc, Img, document_images
 from pipeline.testing.serve import LocalServer
 from test_cluster import mmcurate, ok
 
@@ -19,13 +20,10 @@ DOCS = DEFAULT_DOCUMENTS + [Doc(f"copy-{d.page}", d.parts) for d in DEFAULT_DOCU
 
 
 def job(tmp_path, base, name, engine):
-    spec = {"name": name, "input": {"catalog": "obelics", "files": [str(write_obelics_parquet(
-                tmp_path / "train-00000-of-00001.parquet", base, DOCS))]},
-            "download": {"media": "document", "image_size": 32, "allow_private_addresses": True, "timeout": 5},
-            "documents": {"min_images": 1},
-            "filters": [{"image_size": {"min_side": 16}}, {"dedup_exact": {}}],
-            "output": {"dir": str(tmp_path / name), "samples_per_shard": 3},
-            "execution": {"engine": engine, "progress": False}}
+    spec = document_job(tmp_path, base, docs=DOCS, name=name, documents={"min_images": 1},
+                        filters=[{"image_size": {"min_side": 16}}, {"dedup_exact": {}}],
+                        output={"dir": str(tmp_path / name), "samples_per_shard": 3},
+                        execution={"engine": engine, "progress": False})
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

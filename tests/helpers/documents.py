@@ -47,3 +47,18 @@ def document_batch(documents: list[list], shard_id: int = 0) -> dict:
             slot += 1
         batch[schema.DOCUMENT].append({"segments": segments})
     return batch
+
+
+def document_job(tmp_path, base_url: str, card: str = "obelics", docs=None, **sections) -> dict:
+    """A document job (as data) over ``card``'s published layout written to ``tmp_path`` with image
+    URLs under ``base_url`` (the default corpus, or ``docs``): 32 px, local engine, into
+    ``tmp_path/out``; ``sections`` are set over it (``filters=[...]``, ``output={...}``)."""
+    from pipeline.testing.documents import DEFAULT_DOCUMENTS, write_mmc4_jsonl, write_obelics_parquet
+
+    writer, name = {"obelics": (write_obelics_parquet, "train-00000-of-00001.parquet"),
+                    "mmc4": (write_mmc4_jsonl, "docs_no_face_shard_0_v3.jsonl")}[card]
+    files = [str(writer(tmp_path / name, base_url, docs or DEFAULT_DOCUMENTS))]
+    return {"name": "docs", "input": {"catalog": card, "files": files},
+            "download": {"media": "document", "image_size": 32, "allow_private_addresses": True, "timeout": 5},
+            "output": {"dir": str(tmp_path / "out")}, "execution": {"engine": "local", "progress": False},
+            **sections}

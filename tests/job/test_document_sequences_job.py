@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from helpers.documents import document_job
 from helpers.jobs import samples
 from helpers.sequence_fixtures import save_emu3_tokenizer
 from pipeline.job.runner import run_job
@@ -20,17 +21,12 @@ from pipeline.job.spec import load_job
 from pipeline.loader import ShardDataset
 from pipeline.loader.packing import PackedDataset, PackedLoader
 from pipeline.testing.assets import TINY_VQ
-from pipeline.testing.documents import (DEFAULT_DOCUMENTS, document_images, reading_order, write_mmc4_jsonl,
-                                        write_obelics_parquet)
+from pipeline.testing.documents import DEFAULT_DOCUMENTS, document_images, reading_order
 from pipeline.testing.serve import LocalServer
 from pipeline.tokenize import build_tokenizers
 from pipeline.tokenize.sequence import IMAGE, TEXT, decompose
 
-WRITERS = {"obelics": (write_obelics_parquet, "train-00000-of-00001.parquet"),
-           "mmc4": (write_mmc4_jsonl, "docs_no_face_shard_0_v3.jsonl")}
-
-
-@pytest.fixture(scope="module", params=sorted(WRITERS))
+@pytest.fixture(scope="module", params=["mmc4", "obelics"])
 def job(request, tmp_path_factory):
     card = request.param
     tmp = tmp_path_factory.mktemp(card)
@@ -38,16 +34,11 @@ def job(request, tmp_path_factory):
     tokenize = {"text": {"tokenizer": str(tokenizer), "add_special_tokens": False, "max_length": 64},
                 "image": {"model": str(TINY_VQ), "resolution": 32, "batch_size": 4, "device": "cpu"},
                 "sequence": {"mapping": "emu3"}}
-    writer, name = WRITERS[card]
     with LocalServer(document_images(), content_type="image/jpeg") as server:
         base = server.url("").rstrip("/")
-        spec = {"name": card, "input": {"catalog": card, "files": [str(writer(tmp / name, base))]},
-                "download": {"media": "document", "image_size": 32, "allow_private_addresses": True, "timeout": 5},
-                "documents": {"min_images": 1},
-                "filters": [{"image_size": {"min_side": 16}}],
-                "tokenize": tokenize,
-                "output": {"dir": str(tmp / "out"), "samples_per_shard": 2},
-                "execution": {"engine": "local", "progress": False}}
+        spec = document_job(tmp, base, card, documents={"min_images": 1}, tokenize=tokenize,
+                            filters=[{"image_size": {"min_side": 16}}],
+                            output={"dir": str(tmp / "out"), "samples_per_shard": 2})
         assert run_job(load_job(data=spec)).ok
     return tmp / "out", base, tokenizer, tokenize
 
